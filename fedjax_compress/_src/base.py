@@ -1,0 +1,119 @@
+"""Core types of fedjax_compress: `Compressor`, `Keys`, `Field` and state aliases.
+
+A compressor is a pair of pure sender/receiver functions (optax style: configuration
+lives in the factory's closure, only arrays cross `jit`). Messages are pytrees whose
+leaves are `Field`s, so the bit cost of a message is *derived* from its payload
+(`fedjax_compress.bits.count`) and can be checked against real bytes
+(`fedjax_compress.wire.pack`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import jax
+from flax import struct
+
+PyTree = Any
+Params = PyTree
+Updates = PyTree
+Payload = PyTree
+SenderState = PyTree
+ReceiverState = PyTree
+PRNGKey = jax.Array
+
+
+class EmptyState(NamedTuple):
+  """State of a compressor side that keeps nothing."""
+
+
+class Keys(NamedTuple):
+  """Randomness of one message, derivable by both parties so it never costs bits.
+
+  `shared` is identical for all parties of a round (e.g. a common random-k mask or a
+  Fastfood map); `private` is specific to one client (e.g. QSGD dithering).
+  """
+
+  shared: PRNGKey
+  private: PRNGKey
+
+
+@struct.dataclass
+class Field:
+  """One wire field of a message.
+
+  `data` has a fixed shape; `width` (static) is the number of bits each element takes on
+  the wire. `count` (int32 scalar or None) makes the field variable-length: only the
+  first `count` elements of `data.ravel()` are sent, preceded by a length header of
+  `length_bits(data.size)` bits, which `bits.count` bills as well.
+  """
+
+  data: jax.Array
+  width: int = struct.field(pytree_node=False)
+  count: Optional[jax.Array] = None
+
+
+class InitFn(Protocol):
+  """`init(params) -> (sender_state, receiver_state)`."""
+
+  def __call__(self, params: Params) -> tuple[SenderState, ReceiverState]:
+    ...
+
+
+class EncodeFn(Protocol):
+  """`encode(updates, sender_state, keys) -> (payload, sender_state)`."""
+
+  def __call__(self, updates: Updates, state: SenderState,
+               keys: Keys) -> tuple[Payload, SenderState]:
+    ...
+
+
+class DecodeFn(Protocol):
+  """`decode(payload, receiver_state, keys, like) -> (updates, receiver_state)`.
+
+  `like` is a pytree with the structure, shapes and dtypes of the decoded updates
+  (typically the receiver's current params); only its metadata is used.
+  """
+
+  def __call__(self, payload: Payload, state: ReceiverState, keys: Keys,
+               like: Params) -> tuple[Updates, ReceiverState]:
+    ...
+
+
+class AggregateFn(Protocol):
+  """`aggregate(payloads, weights, keys, like) -> updates`: decode a weighted sum.
+
+  `payloads` carry a leading client axis `[C, ...]`, `weights` is `float[C]` and
+  `keys` is a `Keys` whose `private` has a leading client axis. The result must equal
+  `sum_c weights[c] * decode(payloads[c])`; linear compressors implement it by summing
+  in the compressed domain and decoding once. Only for stateless receivers.
+  """
+
+  def __call__(self, payloads: Payload, weights: jax.Array, keys: Keys,
+               like: Params) -> Updates:
+    ...
+
+
+class Compressor(NamedTuple):
+  """A pure sender/receiver pair. Configuration lives in the factory's closure.
+
+  Attributes:
+    init: `params -> (sender_state, receiver_state)`.
+    encode: `(updates, sender_state, keys) -> (payload, sender_state)`.
+    decode: `(payload, receiver_state, keys, like) -> (updates, receiver_state)`.
+    aggregate: optional fast path for a weighted sum of many payloads, decoded once.
+  """
+
+  init: InitFn
+  encode: EncodeFn
+  decode: DecodeFn
+  aggregate: Optional[AggregateFn] = None
+
+
+def stateless_init(params: Params) -> tuple[EmptyState, EmptyState]:
+  """`init` for compressors with no state on either side."""
+  del params
+  return EmptyState(), EmptyState()
+
+
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
