@@ -46,11 +46,11 @@ def as_transformation(compressor: Compressor,
         jax.random.key_data(key0), sender, receiver, jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, key=None, **extra_args):
-    del params, extra_args
+    del extra_args
     checks.check_finite(updates)
     base_key = as_key(key) if key is not None else jax.random.wrap_key_data(state.key_data)
     key_data, keys = _next_keys(base_key)
-    payload, sender = compressor.encode(updates, state.sender, keys)
+    payload, sender = compressor.encode(updates, state.sender, keys, params)
     out, receiver = compressor.decode(payload, state.receiver, keys, updates)
     return out, CompressedTransformationState(key_data, sender, receiver,
                                               _bits.count(payload))
@@ -107,8 +107,8 @@ def compressed_mean(compressor: Compressor, key: PRNGKey | int, *,
     like = params if params is not None else jax.tree.map(lambda x: x[0], per_elt_updates)
     carry, shared, private = jax.random.split(jax.random.wrap_key_data(state.key_data), 3)
     keys = Keys(shared, jax.random.split(private, num_workers))
-    payloads, senders = jax.vmap(compressor.encode, in_axes=(0, 0, Keys(None, 0)))(
-        per_elt_updates, state.senders, keys)
+    payloads, senders = jax.vmap(compressor.encode, in_axes=(0, 0, Keys(None, 0), None))(
+        per_elt_updates, state.senders, keys, params)
     weights = jnp.full((num_workers,), 1.0 / num_workers, jnp.float32)
     mean, receivers = weighted_decode(compressor, payloads, state.receivers, weights, keys,
                                       like)

@@ -61,10 +61,15 @@ class InitFn(Protocol):
 
 
 class EncodeFn(Protocol):
-  """`encode(updates, sender_state, keys) -> (payload, sender_state)`."""
+  """`encode(updates, sender_state, keys, params=None) -> (payload, sender_state)`.
 
-  def __call__(self, updates: Updates, state: SenderState,
-               keys: Keys) -> tuple[Payload, SenderState]:
+  `params` (optional) is the model the updates were computed at, as the sender knows it
+  (the simulator passes the broadcast model); compressors whose rule depends on the
+  model trajectory (LAQ's skip rule) use it, all others ignore it.
+  """
+
+  def __call__(self, updates: Updates, state: SenderState, keys: Keys,
+               params: Optional[Params] = None) -> tuple[Payload, SenderState]:
     ...
 
 
@@ -99,7 +104,7 @@ class Compressor(NamedTuple):
 
   Attributes:
     init: `params -> (sender_state, receiver_state)`.
-    encode: `(updates, sender_state, keys) -> (payload, sender_state)`.
+    encode: `(updates, sender_state, keys, params=None) -> (payload, sender_state)`.
     decode: `(payload, receiver_state, keys, like) -> (updates, receiver_state)`.
     aggregate: optional fast path for a weighted sum of many payloads, decoded once.
   """

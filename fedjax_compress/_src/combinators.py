@@ -31,9 +31,9 @@ def error_feedback(inner: Compressor) -> Compressor:
     sender, receiver = inner.init(params)
     return ErrorFeedbackState(sender, layout.zeros_like_f32(params), receiver), receiver
 
-  def encode_fn(updates, state, keys):
+  def encode_fn(updates, state, keys, params=None):
     x = jax.tree.map(lambda g, e: g.astype(jnp.float32) + e, updates, state.residual)
-    payload, sender = inner.encode(x, state.inner, keys)
+    payload, sender = inner.encode(x, state.inner, keys, params)
     decoded, mirror = inner.decode(payload, state.mirror, keys, x)
     residual = jax.tree.map(lambda a, b: a - b.astype(jnp.float32), x, decoded)
     return payload, ErrorFeedbackState(sender, residual, mirror)
@@ -47,8 +47,9 @@ def flattened(inner: Compressor) -> Compressor:
   def init_fn(params):
     return inner.init(layout.ravel(params))
 
-  def encode_fn(updates, state, keys):
-    return inner.encode(layout.ravel(updates), state, keys)
+  def encode_fn(updates, state, keys, params=None):
+    flat_params = None if params is None else layout.ravel(params)
+    return inner.encode(layout.ravel(updates), state, keys, flat_params)
 
   def decode_fn(payload, state, keys, like):
     vec, state = inner.decode(payload, state, keys, layout.ravel(like))

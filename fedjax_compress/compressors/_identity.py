@@ -21,8 +21,8 @@ def identity() -> Compressor:
   96
   """
 
-  def encode_fn(updates, state, keys):
-    del keys
+  def encode_fn(updates, state, keys, params=None):
+    del keys, params
     checks.check_finite(updates)
     return jax.tree.map(lambda x: Field(x, np.dtype(x.dtype).itemsize * 8), updates), state
 

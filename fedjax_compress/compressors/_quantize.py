@@ -40,7 +40,8 @@ def qsgd(levels: int, *, bucket_size: int = 512) -> Compressor:
   width = level_width(levels)
   dtype = _level_dtype(width)
 
-  def encode_fn(vec, state, keys):
+  def encode_fn(vec, state, keys, params=None):
+    del params
     checks.check_finite(vec)
     size = vec.shape[0]
     b = _buckets(vec.astype(jnp.float32), bucket_size)
@@ -78,8 +79,8 @@ def sign_sgd(*, scaled: bool = False) -> Compressor:
   Bits: `D + 32 * #tensors` if scaled, else `D`.
   """
 
-  def encode_fn(updates, state, keys):
-    del keys
+  def encode_fn(updates, state, keys, params=None):
+    del keys, params
     checks.check_finite(updates)
 
     def leaf(x):

@@ -44,8 +44,8 @@ def top_k(k: Optional[int] = None, *, fraction: Optional[float] = None) -> Compr
   """
   k, fraction = _resolve_k(k, fraction)
 
-  def encode_fn(vec, state, keys):
-    del keys
+  def encode_fn(vec, state, keys, params=None):
+    del keys, params
     checks.check_finite(vec)
     size = vec.shape[0]
     kk = _static_k(k, fraction, size)
@@ -89,7 +89,8 @@ def random_k(k: Optional[int] = None, *, fraction: Optional[float] = None,
   def _scale(size):
     return size / _static_k(k, fraction, size) if unbiased else 1.0
 
-  def encode_fn(vec, state, keys):
+  def encode_fn(vec, state, keys, params=None):
+    del params
     checks.check_finite(vec)
     idx = _indices(_key(keys), vec.shape[0])
     return {"values": Field(vec[idx].astype(jnp.float32), 32)}, state

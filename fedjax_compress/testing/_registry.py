@@ -1,0 +1,51 @@
+"""Registry of every compressor, driving the conformance suite (tests/test_conformance.py).
+
+Each entry declares the properties the conformance checks may rely on. Families add their
+entries in their own section below.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from fedjax_compress import compressors as C
+from fedjax_compress._src.base import Compressor
+from fedjax_compress._src.combinators import error_feedback
+
+
+class Entry(NamedTuple):
+  """One registered compressor configuration and its claimed properties."""
+
+  name: str
+  make: Callable[[], Compressor]
+  unbiased: bool = False          # E[decode(encode(g))] == g over keys
+  lossless: bool = False          # decode(encode(g)) == g exactly
+  linear_aggregate: bool = True   # aggregate == sum_c w_c decode(payload_c) (when present)
+  stateful: bool = False          # sender or receiver state changes across messages
+  max_bits_fraction: float | None = None  # bits <= this * uncompressed bits (test params)
+
+
+REGISTRY: list[Entry] = [
+    # --- baselines (issue 2) ---
+    Entry("identity", C.identity, unbiased=True, lossless=True),
+    Entry("top_k", lambda: C.top_k(fraction=0.1), max_bits_fraction=0.3),
+    Entry("random_k", lambda: C.random_k(fraction=0.25), unbiased=True, max_bits_fraction=0.3),
+    Entry("random_k_shared", lambda: C.random_k(fraction=0.25, shared_mask=True), unbiased=True,
+          max_bits_fraction=0.3),
+    Entry("qsgd", lambda: C.qsgd(4, bucket_size=64), unbiased=True, max_bits_fraction=0.3),
+    Entry("sign_sgd", C.sign_sgd, max_bits_fraction=0.05),
+    Entry("sign_sgd_scaled", lambda: C.sign_sgd(scaled=True), max_bits_fraction=0.2),
+    Entry("ef_top_k", lambda: error_feedback(C.top_k(fraction=0.1)), stateful=True,
+          max_bits_fraction=0.3),
+    # --- intrinsic gradient compression (issue 3) ---
+    # --- M22 / HSQ (issue 6) ---
+    # --- LBGM / LAQ (issue 5) ---
+]
+
+
+def by_name(name: str) -> Entry:
+  """The registry entry called `name`."""
+  for e in REGISTRY:
+    if e.name == name:
+      return e
+  raise KeyError(name)
