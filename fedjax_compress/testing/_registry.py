@@ -40,6 +40,14 @@ REGISTRY: list[Entry] = [
     # --- intrinsic gradient compression (issue 3) ---
     # --- M22 / HSQ (issue 6) ---
     # --- LBGM / LAQ (issue 5) ---
+    Entry("lbgm_identity", lambda: C.lbgm(C.identity(), 0.2), stateful=True),
+    Entry("lbgm_whole_model", lambda: C.lbgm(C.identity(), 0.2, per_tensor=False), stateful=True),
+    Entry("lbgm_top_k", lambda: C.lbgm(C.top_k(fraction=0.25), 0.4), stateful=True),
+    Entry("lbgm_sign_sgd", lambda: C.lbgm(C.sign_sgd(scaled=True), 0.4), stateful=True),
+    Entry("ef_lbgm_top_k", lambda: error_feedback(C.lbgm(C.top_k(fraction=0.25), 0.4)),
+          stateful=True),
+    Entry("laq", lambda: C.laq(4, step_size=0.1), stateful=True),
+    Entry("slaq", lambda: C.slaq(3, step_size=0.1), stateful=True),
 ]
 
 
