@@ -303,6 +303,21 @@ class LBGMTest(chex.TestCase, parameterized.TestCase):
 
     chex.assert_tree_all_finite(jax.grad(f)(jax.tree.map(lambda x: 2 * x, like)))
 
+  def test_compressed_mean_aggregator_keeps_copies_in_sync(self):
+    # Through the optax Aggregator adapter (vmapped encode, vmapped decode, mean).
+    from fedjax_compress import compressed_mean
+    c = C.lbgm(C.identity(), 0.3)
+    agg = compressed_mean(c, 0, num_workers=3)
+    like = _rand_tree(jax.random.key(0))
+    state = agg.init(like)
+    seqs = [_near_lbg_sequence(6, seed=50 + i) for i in range(3)]
+    for t in range(6):
+      gs = jax.tree.map(lambda *x: jnp.stack(x), *[seqs[i][t] for i in range(3)])
+      mean, state = jax.jit(agg.update)(gs, state, like)
+      chex.assert_trees_all_equal(state.senders.lbg, state.receivers.lbg)
+    self.assertTrue(bool(state.senders.has_lbg.all()))
+    chex.assert_tree_all_finite(mean)
+
   def test_invalid_threshold(self):
     for bad in (-0.1, float("nan"), float("inf")):
       with self.assertRaises(ValueError):
