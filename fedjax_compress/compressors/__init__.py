@@ -3,7 +3,9 @@
 from fedjax_compress.compressors._identity import identity
 from fedjax_compress.compressors._laq import laq, slaq
 from fedjax_compress.compressors._lbgm import lbgm
+from fedjax_compress.compressors._lowrank import PowerSGDState, power_sgd
 from fedjax_compress.compressors._quantize import qsgd, sign_sgd
+from fedjax_compress.compressors._sketch import count_sketch
 from fedjax_compress.compressors._sparsify import random_k, top_k
 
-__all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "lbgm", "laq", "slaq"]
+__all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "count_sketch", "power_sgd", "PowerSGDState", "lbgm", "laq", "slaq"]

@@ -37,6 +37,18 @@ REGISTRY: list[Entry] = [
     Entry("sign_sgd_scaled", lambda: C.sign_sgd(scaled=True), max_bits_fraction=0.2),
     Entry("ef_top_k", lambda: error_feedback(C.top_k(fraction=0.1)), stateful=True,
           max_bits_fraction=0.3),
+    # count_sketch: `aggregate` unsketches the sum of sketches (FetchSGD), which is not the
+    # sum of per-client decodes unless the decode is linear (one row, no top-k).
+    Entry("count_sketch", lambda: C.count_sketch(3, 12, k=20), linear_aggregate=False,
+          max_bits_fraction=0.3),
+    Entry("count_sketch_1row", lambda: C.count_sketch(1, 32), unbiased=True,
+          max_bits_fraction=0.3),
+    Entry("ef_count_sketch", lambda: error_feedback(C.count_sketch(3, 12, k=20)),
+          linear_aggregate=False, stateful=True, max_bits_fraction=0.3),
+    Entry("power_sgd", lambda: C.power_sgd(2, min_compression_rate=1.0), stateful=True,
+          max_bits_fraction=0.75),
+    Entry("ef_power_sgd", lambda: error_feedback(C.power_sgd(1)), stateful=True,
+          max_bits_fraction=0.4),
     # --- intrinsic gradient compression (issue 3) ---
     # --- M22 / HSQ (issue 6) ---
     # --- LBGM / LAQ (issue 5) ---
