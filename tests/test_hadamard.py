@@ -1,0 +1,111 @@
+"""FWHT: jnp butterfly / Kronecker and Pallas (interpret) paths vs float64 dense Hadamard."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from absl.testing import parameterized
+
+from fedjax_compress import ops
+from fedjax_compress.ops import _hadamard
+from fedjax_compress.ops import _pallas_hadamard
+
+
+def _rel_err(got, ref):
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def _ref(x):
+  x = np.asarray(x, np.float64)
+  return x @ scipy.linalg.hadamard(x.shape[-1]).astype(np.float64)  # H symmetric
+
+
+class FwhtTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(method=["butterfly", "kron", "pallas", "auto"],
+                         log2n=[0, 1, 7, 10])
+  def test_matches_dense_float64(self, method, log2n):
+    n = 1 << log2n
+    x = np.random.default_rng(log2n).standard_normal((3, n)).astype(np.float32)
+    got = self.variant(lambda v: ops.fwht(v, method=method))(jnp.asarray(x))
+    assert got.shape == x.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), _ref(x),
+                               atol=1e-5 * np.sqrt(n) * max(1, log2n), rtol=0)
+
+  @parameterized.parameters("butterfly", "kron")
+  def test_float32_relative_error_at_2_16(self, method):
+    n = 1 << 16
+    x = np.random.default_rng(0).standard_normal(n)
+    got = jax.jit(lambda v: ops.fwht(v, method=method))(jnp.asarray(x, jnp.float32))
+    assert _rel_err(got, _np_fwht(x)) <= 1e-6
+
+  def test_pallas_relative_error_at_2_12(self):
+    n = 1 << 12
+    x = np.random.default_rng(1).standard_normal(n)
+    got = _pallas_hadamard.fwht_pallas(jnp.asarray(x, jnp.float32), interpret=True)
+    assert _rel_err(got, _np_fwht(x)) <= 1e-6
+
+  @parameterized.parameters("butterfly", "kron", "pallas")
+  def test_involution_and_linearity(self, method):
+    rng = np.random.default_rng(2)
+    a, b = (jnp.asarray(rng.standard_normal((2, 256)), jnp.float32) for _ in range(2))
+    f = jax.jit(lambda v: ops.fwht(v, method=method, normalize=True))
+    np.testing.assert_allclose(f(f(a)), a, atol=2e-6)
+    np.testing.assert_allclose(f(2.0 * a - b), 2.0 * f(a) - f(b), atol=2e-5)
+    # Parseval for the normalized (orthogonal) transform.
+    np.testing.assert_allclose(jnp.sum(f(a) ** 2), jnp.sum(a ** 2), rtol=1e-5)
+
+  @parameterized.parameters("butterfly", "kron", "pallas")
+  def test_vjp_is_fwht(self, method):
+    rng = np.random.default_rng(3)
+    x, w = (jnp.asarray(rng.standard_normal(128), jnp.float32) for _ in range(2))
+    g = jax.grad(lambda v: jnp.vdot(ops.fwht(v, method=method), w))(x)
+    np.testing.assert_allclose(g, _ref(np.asarray(w)), atol=1e-4)
+
+  @parameterized.parameters("butterfly", "kron", "pallas")
+  def test_vmap_matches_loop(self, method):
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 64)), jnp.float32)
+    f = lambda v: ops.fwht(v, method=method)
+    np.testing.assert_allclose(jax.vmap(f)(x), jnp.stack([f(r) for r in x]), atol=1e-5)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, "power of two"):
+      ops.fwht(jnp.ones(6))
+    with self.assertRaisesRegex(ValueError, "power of two"):
+      ops.fwht(jnp.ones(()))
+    with self.assertRaisesRegex(ValueError, "method"):
+      ops.fwht(jnp.ones(4), method="fft")
+    with self.assertRaisesRegex(ValueError, "floating"):
+      _pallas_hadamard.fwht_pallas(jnp.ones(4, jnp.int32))
+
+  def test_default_method_by_backend(self):
+    assert ops.default_method("cpu") == "butterfly"
+    assert ops.default_method("gpu") == "pallas"
+    assert ops.default_method("tpu") == "kron"
+    # 'auto' on integers (no Pallas) still gives the exact transform
+    np.testing.assert_array_equal(ops.fwht(jnp.arange(8, dtype=jnp.int32)),
+                                  _ref(np.arange(8)).astype(np.int32))
+
+  def test_kron_factors(self):
+    for log2n in range(0, 30):
+      f = _hadamard.kron_factors(log2n, 7)
+      assert int(np.prod(f)) == 1 << log2n and max(f) <= 128
+      assert max(f) // min(f) <= 2 or log2n == 0
+
+
+def _np_fwht(x):
+  """Float64 NumPy butterfly (spec Appendix A)."""
+  x, h, n = np.asarray(x, np.float64).copy(), 1, x.shape[-1]
+  while h < n:
+    y = x.reshape(-1, 2, h)
+    x = np.stack([y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]], axis=1).reshape(n)
+    h *= 2
+  return x
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
