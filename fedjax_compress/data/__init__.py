@@ -1,0 +1,20 @@
+"""Federated datasets: built-in offline synthetic data, partitions, optional tfds loaders.
+
+Public API:
+  - `FederatedData(clients, test, num_classes, name)`; `from_partition(arrays, parts, test,
+    num_classes, name='')`.
+  - `synthetic(alpha, beta, num_clients=30, *, dim=60, num_classes=10, samples_per_client=100,
+    size_sigma=0.5, test_fraction=0.2, iid=False, seed=0) -> FederatedData`.
+  - `partition_iid(num_examples, num_clients, seed=0)`,
+    `partition_dirichlet(labels, num_clients, alpha, seed=0)` -> list of index arrays.
+  - `load_tfds(name, *, data_dir=None, num_clients=100, partition='dirichlet', alpha=0.5,
+    seq_len=80, download=False, seed=0) -> FederatedData` (needs the `data` extra).
+"""
+
+from fedjax_compress.data._dataset import FederatedData, from_partition
+from fedjax_compress.data._partition import partition_dirichlet, partition_iid
+from fedjax_compress.data._synthetic import synthetic
+from fedjax_compress.data._tfds import char_sequences, load_tfds, split_by_role
+
+__all__ = ["FederatedData", "from_partition", "synthetic", "partition_iid",
+           "partition_dirichlet", "load_tfds", "split_by_role", "char_sequences"]

@@ -1,0 +1,23 @@
+"""Federated simulator: one round as one jitted program (vmap clients, scan local steps).
+
+Public API:
+  - `Cohort(ids, batches, mask, weight)`, `ServerState`, `RoundMetrics` (struct dataclasses).
+  - `init_server_state(params, server_tx, uplink, *, num_clients, downlink=None) -> ServerState`.
+  - `build_round(loss_fn, client_tx, server_tx, uplink, *, local_steps, downlink=None)
+    -> round_fn(state, cohort, seed_key) -> (state, RoundMetrics)`.
+  - `build_client_update(loss_fn, client_tx, uplink, *, local_steps)` (the per-client part).
+  - `sample_cohort(data, round_index, *, cohort_size, local_steps, batch_size, seed, ...)
+    -> Cohort` (host-side NumPy, fixed shapes, padding).
+  - `client_mesh(num_devices=None) -> Mesh`, `shard_cohort(cohort, mesh)`,
+    `shard_state(state, mesh)`.
+"""
+
+from fedjax_compress.federated._round import (build_client_update, build_local_train,
+                                              build_round)
+from fedjax_compress.federated._sampling import sample_cohort
+from fedjax_compress.federated._sharding import client_mesh, shard_cohort, shard_state
+from fedjax_compress.federated._state import Cohort, RoundMetrics, ServerState, init_server_state
+
+__all__ = ["Cohort", "ServerState", "RoundMetrics", "init_server_state", "build_round",
+           "build_client_update", "build_local_train", "sample_cohort", "client_mesh",
+           "shard_cohort", "shard_state"]
