@@ -200,6 +200,41 @@ class LAQTest(chex.TestCase, parameterized.TestCase):
       chex.assert_trees_all_equal(out["w"], jnp.array(g))  # on the 1-bit grid: exact
     self.assertEqual(sent, [1, 0, 1, 0])
 
+  def test_federated_simulator_matches_reference(self):
+    # LAQ as documented: full participation, local_steps=1, client sgd(1.0) (delta = the
+    # gradient), server sgd(eta) on the mean of the decoded updates.
+    import optax
+    from fedjax_compress import federated
+    x, y = _data(5)
+    eta, rounds, cfg = 1.0, 30, dict(b=4, ck=0.8, memory=10, t_bar=6, es=3.0, off=0.0,
+                                      fixed_w=None)
+    ref_losses, ref_ups = _ref_laq(x, y, rounds, eta, **cfg)
+    with jax.enable_x64(True):
+      c = C.laq(4, step_size=eta, t_bar=6)
+
+      def loss(p, batch, mask, key):
+        del mask, key
+        t = p["w"]
+        return jnp.mean(jnp.logaddexp(0.0, -batch["y"] * (batch["x"] @ t))) + LAM / 2 * t @ t
+
+      server_tx = optax.sgd(eta)
+      params = {"w": jnp.zeros(P, jnp.float64)}
+      st = federated.init_server_state(params, server_tx, c, num_clients=M)
+      rnd = jax.jit(federated.build_round(loss, optax.sgd(1.0), server_tx, c, local_steps=1))
+      cohort = federated.Cohort(ids=jnp.arange(M), weight=jnp.ones(M),
+                                batches={"x": jnp.asarray(x)[:, None], "y": jnp.asarray(y)[:, None]},
+                                mask=jnp.ones((M, 1, N), bool))
+      losses, ups = [], []
+      for _ in range(rounds):
+        st, m = rnd(st, cohort, jax.random.key(0))
+        losses.append(_np_loss(np.asarray(st.params["w"]), x, y))
+        ups.append(np.asarray(m.up_bits) > 1 + bits.length_bits(P))
+        chex.assert_trees_all_equal(st.senders.qhat, st.receivers.qhat)
+    np.testing.assert_array_equal(np.array(ups), ref_ups)
+    # weighted_decode sums the decoded updates in float32, hence not 1e-10
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-7)
+    self.assertLess(ref_ups.sum(), ref_ups.size)
+
   def test_larger_ck_fewer_uploads(self):
     x, y = _data(4)
     counts = [int(_run(C.laq(4, step_size=1.0, ck=ck), x, y, 40, 1.0)[1].sum())
