@@ -18,11 +18,14 @@ from fedjax_compress.federated._state import Cohort, ServerState
 
 
 def client_mesh(num_devices: Optional[int] = None) -> Mesh:
-  """A 1-D mesh `('clients',)` over the first `num_devices` devices (default: all)."""
+  """A 1-D Auto-mode mesh `('clients',)` over the first `num_devices` devices (default: all)."""
   n = len(jax.devices()) if num_devices is None else num_devices
   if not 1 <= n <= len(jax.devices()):
     raise ValueError(f"num_devices must be in [1, {len(jax.devices())}], got {n}")
-  return jax.make_mesh((n,), ("clients",), devices=jax.devices()[:n])
+  # Auto axis mode: XLA propagates the client sharding through gathers and reductions
+  # (Explicit mode would need out_sharding annotations on every gather by ids).
+  return jax.make_mesh((n,), ("clients",), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _split(tree: Any, mesh: Mesh, what: str) -> Any:
