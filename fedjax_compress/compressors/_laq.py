@@ -181,9 +181,11 @@ def laq(bits: int = 4, *, step_size: float, ck: float = 0.8, memory: int = 10, t
   `step_size` is `eta` in `theta^{k+1} - theta^k = -eta * mean_m(decoded_m)`, i.e. the
   server learning rate applied to the mean update (the paper's `alpha M`, so its
   `1/(alpha^2 M^2)` is `1/eta^2`). The model differences come from `encode`'s `params`.
-  Run it as the paper does: full participation, one full-batch gradient step per round
-  with client lr 1 (delta = gradient), server SGD(eta) on the mean. A client that skips
-  encodes (states advance only when it participates).
+  Run it as the paper does: full participation, `local_steps=1`, client `sgd(1.0)` (delta =
+  the full local gradient), server `sgd(eta)` on the (equal-weight) mean of the decoded
+  updates. Under client sampling (not in the paper) the simulator averages only the
+  participants' `Qhat`, absent clients' stale contributions are left out, their clocks do
+  not advance and their model differences span several rounds.
 
   Bits: upload `1 + W_R + (b d + ceil(log2(d+1)))` (R at the update dtype's width `W_R`,
   32 in float32), skip `1 + ceil(log2(d+1))` (the two length headers, which act as
