@@ -111,6 +111,7 @@ def _fwht(p: FastfoodParams, x: jax.Array) -> jax.Array:
 
 def fastfood_project(p: FastfoodParams, z: jax.Array) -> jax.Array:
   """`V z`: f32[d] -> f32[D] (two FWHTs of length `L` per block)."""
+  checks.check_finite(z, "z")
   z = jnp.asarray(z, jnp.float32)
   if z.shape != (p.d,):
     raise ValueError(f"z must have shape ({p.d},), got {z.shape}")
@@ -123,6 +124,7 @@ def fastfood_project(p: FastfoodParams, z: jax.Array) -> jax.Array:
 
 def fastfood_transpose(p: FastfoodParams, y: jax.Array) -> jax.Array:
   """`V^T y`: f32[D] -> f32[d], the exact adjoint of `fastfood_project`."""
+  checks.check_finite(y, "y")
   y = jnp.asarray(y, jnp.float32)
   if y.shape != (p.D,):
     raise ValueError(f"y must have shape ({p.D},), got {y.shape}")

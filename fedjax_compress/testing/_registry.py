@@ -50,6 +50,16 @@ REGISTRY: list[Entry] = [
     Entry("ef_power_sgd", lambda: error_feedback(C.power_sgd(1)), stateful=True,
           max_bits_fraction=0.4),
     # --- intrinsic gradient compression (issue 3) ---
+    # IGC decodes a shrunk estimate (E[V V^T] ~ (d/D) I): biased, linear, 32 d bits (D = 126).
+    Entry("igc_static", lambda: C.intrinsic_static(16, seed=0), max_bits_fraction=0.15),
+    Entry("igc_static_blocked", lambda: C.intrinsic_static(16, seed=1, block_rows=40),
+          max_bits_fraction=0.15),
+    Entry("igc_k_subspace", lambda: C.intrinsic_k_subspace(16, 3, seed=0),
+          max_bits_fraction=0.15),
+    Entry("igc_k_subspace_cyclic",
+          lambda: C.intrinsic_k_subspace(16, 3, seed=0, schedule="cyclic"), stateful=True,
+          max_bits_fraction=0.15),
+    Entry("igc_time_varying", lambda: C.intrinsic_time_varying(16), max_bits_fraction=0.15),
     # --- M22 / HSQ (issue 6) ---
     # --- LBGM / LAQ (issue 5) ---
     Entry("lbgm_identity", lambda: C.lbgm(C.identity(), 0.2), stateful=True),

@@ -1,0 +1,218 @@
+"""Intrinsic gradient compression (IGC): static, K-subspace and time-varying Fastfood subspaces.
+
+Melas-Kyriazi & Wang, "Intrinsic Gradient Compression for Federated Learning"
+(arXiv 2112.02656). With the Fastfood map `V: R^d -> R^D` (`fedjax_compress.ops`), a client
+uploads `c = V^T g` (d float32 numbers) and the server applies `V c`. Because `V^T` is linear,
+`aggregate` sums `sum_k w_k c_k` in the compressed domain and decodes once. `V` is never sent:
+both sides regenerate it from a key (0 bits). The decoded update is a shrunk estimate
+(`E[V V^T] ~ (d/D) I`), so learning rates must be re-tuned (spec IGC 1.2, 2.5).
+
+The protocol carries no round index, so the round-dependent maps come from `keys.shared` (the
+same for every party of a round, see `keys.round_keys`) or from a counter state:
+
+- `intrinsic_static`: `V = V(fold_in(seed, 0))`, the same in every round. Stateless.
+- `intrinsic_k_subspace(schedule='random')`: subspace `k_t ~ U{0..K-1}` drawn from
+  `keys.shared`, `V = V(fold_in(seed, k_t))`. Stateless: correct under partial participation.
+- `intrinsic_k_subspace(schedule='cyclic')`: `k_t = t mod K` with `t` an `IgcState` counter
+  that sender and receiver each advance once per message. Both sides stay in step only if the
+  pair exchanges every round's message (full participation, or one counter per client pair);
+  a client that skips rounds falls behind the server. Use 'random' under partial participation.
+  No `aggregate` (the receiver is stateful).
+- `intrinsic_time_varying`: a fresh `V = V(fold_in(keys.shared, 0))` every round. Stateless.
+
+Downlink costs (server -> client; not a property of these uplink compressors) are given by
+`intrinsic_downlink_bits` (spec IGC 2.4 table).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_compress._src import checks, layout
+from fedjax_compress._src.base import Compressor, EmptyState, Field, Keys
+from fedjax_compress._src.keys import as_key
+from fedjax_compress.ops import _fastfood
+
+_SUBSPACE_DRAW = 0x1C  # fold_in tag of the random subspace choice (K-subspace, 'random')
+_FLOAT_BITS = 32
+
+
+class IgcState(NamedTuple):
+  """Round counter of the cyclic K-subspace schedule (sender and receiver keep one each)."""
+
+  step: jax.Array  # int32 scalar
+
+
+# select(keys, state) -> (map key, new state)
+_Select = Callable[[Keys, Any], tuple[jax.Array, Any]]
+
+
+def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool,
+         block_rows: int | None, gaussian: bool, method: str) -> Compressor:
+  """Compressor `c = V^T ravel(g)` / `ravel(g) = V c` with the map chosen by `select`."""
+
+  def fastfood(key, num):
+    return _fastfood.fastfood_params(key, d, num, block_rows=block_rows, gaussian=gaussian,
+                                     method=method)
+
+  def init_fn(params):
+    _fastfood.check_dims(d, layout.num_params(params))
+    return init_state(), init_state()
+
+  def encode_fn(updates, state, keys, params=None):
+    del params
+    checks.check_finite(updates)
+    g = layout.ravel(updates)
+    key, state = select(keys, state)
+    c = _fastfood.fastfood_transpose(fastfood(key, g.shape[0]), g)
+    return Field(c, _FLOAT_BITS), state
+
+  def decode_fn(payload, state, keys, like):
+    key, state = select(keys, state)
+    y = _fastfood.fastfood_project(fastfood(key, layout.num_params(like)), payload.data)
+    return layout.unraveler(like)(y), state
+
+  def aggregate_fn(payloads, weights, keys, like):
+    c = jnp.tensordot(weights.astype(jnp.float32), payloads.data, axes=1)
+    key, _ = select(keys, None)
+    return layout.unraveler(like)(
+        _fastfood.fastfood_project(fastfood(key, layout.num_params(like)), c))
+
+  return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn if stateless else None)
+
+
+def _check_common(d, block_rows, method) -> int:
+  d = checks.check_positive_int(d, "d (intrinsic dimension)")
+  if block_rows is not None:
+    checks.check_positive_int(block_rows, "block_rows")
+  if method not in ("auto", "butterfly", "kron", "pallas"):
+    raise ValueError(f"method must be 'auto', 'butterfly', 'kron' or 'pallas', got {method!r}")
+  return d
+
+
+def intrinsic_static(d: int, *, seed: int | jax.Array = 0, block_rows: int | None = None,
+                     gaussian: bool = True, method: str = "auto") -> Compressor:
+  """Static-subspace IGC: upload `c = V^T g`, decode `V c`, one fixed map `V` from `seed`.
+
+  `V = fastfood(fold_in(seed, 0), d, D)` over the raveled update (`D` parameters, `d <= D`,
+  checked when shapes are known). Bits up: `32 d` per message; down: `32 d` (the server
+  sends `z_t`; `intrinsic_downlink_bits('static', ...)`). `block_rows` selects the blocked
+  map (spec IGC 1.3), `gaussian=False` sets `G := 1` (test map), `method` the FWHT path.
+  Equivalent to SGD on `z` in `theta = theta_0 + V z` (see `subspace_reparam`).
+
+  >>> import jax, jax.numpy as jnp
+  >>> from fedjax_compress import compressors, Keys, bits
+  >>> c = compressors.intrinsic_static(4, seed=0)
+  >>> k = Keys(jax.random.key(0), jax.random.key(1))
+  >>> p, _ = c.encode({'w': jnp.ones((3, 5))}, EmptyState(), k)
+  >>> int(bits.count(p))
+  128
+  """
+  d = _check_common(d, block_rows, method)
+  key = jax.random.fold_in(as_key(seed), 0)
+  return _igc(d, lambda keys, state: (key, state), EmptyState, True, block_rows, gaussian,
+              method)
+
+
+def intrinsic_k_subspace(d: int, num_subspaces: int, *, seed: int | jax.Array = 0,
+                         schedule: str = "random", block_rows: int | None = None,
+                         gaussian: bool = True, method: str = "auto") -> Compressor:
+  """K-subspace IGC: `K` fixed maps `V_k = fastfood(fold_in(seed, k))`, one used per round.
+
+  Round `t` uploads `c = V_{k_t}^T g` (`32 d` bits); the server updates block `z_{k_t}` of
+  `theta = theta_0 + sum_k V_k z_k`. `schedule='random'`: `k_t` drawn from `keys.shared`
+  (stateless, has `aggregate`); `'cyclic'`: `k_t = t mod K` from an `IgcState` counter each
+  side advances per message (stateful; needs every round's message, see module doc).
+  Down: `32 min(K d, D)` bits (`intrinsic_downlink_bits('k_subspace', ...)`). `K = 1` is
+  `intrinsic_static` with the same seed.
+  """
+  d = _check_common(d, block_rows, method)
+  k = checks.check_positive_int(num_subspaces, "num_subspaces")
+  if schedule not in ("random", "cyclic"):
+    raise ValueError(f"schedule must be 'random' or 'cyclic', got {schedule!r}")
+  base = as_key(seed)
+  if schedule == "random":
+    def select(keys, state):
+      idx = jax.random.randint(jax.random.fold_in(keys.shared, _SUBSPACE_DRAW), (), 0, k)
+      return jax.random.fold_in(base, idx), state
+    return _igc(d, select, EmptyState, True, block_rows, gaussian, method)
+
+  def select_cyclic(keys, state):
+    del keys
+    return jax.random.fold_in(base, state.step % k), IgcState(state.step + 1)
+
+  return _igc(d, select_cyclic, lambda: IgcState(jnp.zeros((), jnp.int32)), False,
+              block_rows, gaussian, method)
+
+
+def intrinsic_time_varying(d: int, *, block_rows: int | None = None, gaussian: bool = True,
+                           method: str = "auto") -> Compressor:
+  """Time-varying IGC: a fresh map `V_t = fastfood(fold_in(keys.shared, 0))` every message.
+
+  Upload `c = V_t^T g` (`32 d` bits), decode `V_t c`; the server keeps the full model.
+  Down: `32 D` bits (every coordinate changes each round;
+  `intrinsic_downlink_bits('time_varying', ...)`). With a constant `keys.shared = seed`
+  it equals `intrinsic_static(d, seed=seed)`.
+  """
+  d = _check_common(d, block_rows, method)
+  return _igc(d, lambda keys, state: (jax.random.fold_in(keys.shared, 0), state), EmptyState,
+              True, block_rows, gaussian, method)
+
+
+def intrinsic_downlink_bits(variant: str, d: int, num_params: int, *,
+                            num_subspaces: int = 1) -> int:
+  """Per-client, per-round downlink bits of an IGC variant (spec IGC 2.4, float32 values).
+
+  'static': `32 d` (the server broadcasts `z_t`); 'k_subspace': `32 min(K d, D)` (all `z_k`,
+  or the dense model when cheaper); 'time_varying': `32 D` (the dense model). Map seeds
+  cost 0 bits (derived from the round keys both sides know).
+
+  >>> intrinsic_downlink_bits('k_subspace', 10, 25, num_subspaces=3)
+  800
+  """
+  d, D = _fastfood.check_dims(d, num_params)  # pylint: disable=invalid-name
+  k = checks.check_positive_int(num_subspaces, "num_subspaces")
+  if variant == "static":
+    return _FLOAT_BITS * d
+  if variant == "k_subspace":
+    return _FLOAT_BITS * min(k * d, D)
+  if variant == "time_varying":
+    return _FLOAT_BITS * D
+  raise ValueError(f"variant must be 'static', 'k_subspace' or 'time_varying', got {variant!r}")
+
+
+def subspace_reparam(theta_0: Any, d: int, *, seed: int | jax.Array = 0,
+                     block_rows: int | None = None, gaussian: bool = True,
+                     method: str = "auto") -> Callable[[jax.Array], Any]:
+  """`z -> theta_0 + V z` (unraveled to `theta_0`'s structure/dtypes), spec IGC 2.1/2.2.
+
+  Uses the same map as `intrinsic_static(d, seed=seed, ...)`, so SGD on `z` with
+  `loss(theta_0 + V z)` (gradient `V^T grad loss`) is static IGC. `z` starts at zeros(d).
+  """
+  d = _check_common(d, block_rows, method)
+  num = layout.num_params(theta_0)
+  _fastfood.check_dims(d, num)
+  key = jax.random.fold_in(as_key(seed), 0)
+  flat0 = layout.ravel(theta_0)
+  unravel = layout.unraveler(theta_0)
+
+  def theta(z: jax.Array) -> Any:
+    p = _fastfood.fastfood_params(key, d, num, block_rows=block_rows, gaussian=gaussian,
+                                  method=method)
+    return unravel(flat0 + _fastfood.fastfood_project(p, z))
+
+  return theta
+
+
+def subspace_loss(loss_fn: Callable[..., jax.Array], theta_0: Any, d: int,
+                  **map_kwargs) -> Callable[..., jax.Array]:
+  """`loss_z(z, *args, **kw) = loss_fn(theta_0 + V z, *args, **kw)` (see `subspace_reparam`)."""
+  theta = subspace_reparam(theta_0, d, **map_kwargs)
+  return lambda z, *args, **kwargs: loss_fn(theta(z), *args, **kwargs)
+
+
+__all__ = ["intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
+           "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]
