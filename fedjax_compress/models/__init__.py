@@ -1,0 +1,19 @@
+"""Flax Linen models and loss/accuracy helpers for federated training.
+
+Public API:
+  - `LogisticRegression(num_classes)`, `MLP(num_classes, hidden=(200, 200))`,
+    `CNN(num_classes, features=(32, 64), dense=512)`,
+    `ResNet(num_classes, stage_sizes=(1, 1, 1), width=16, groups=4)` (GroupNorm),
+    `CharLM(vocab_size, embed=8, hidden=128)` (GRU).
+  - `create(name, num_classes, **kwargs)`, `init_params(model, example_x, key=0)`.
+  - `classification_loss(model) -> loss_fn(params, batch, mask, key)`,
+    `accuracy(model) -> accuracy_fn(params, batch, mask=None)`,
+    `evaluate(model, params, data, batch_size=1024) -> {'loss', 'accuracy'}`.
+"""
+
+from fedjax_compress.models._models import (CNN, MLP, CharLM, LogisticRegression, ResNet,
+                                            accuracy, classification_loss, create, evaluate,
+                                            init_params)
+
+__all__ = ["LogisticRegression", "MLP", "CNN", "ResNet", "CharLM", "create", "init_params",
+           "classification_loss", "accuracy", "evaluate"]
