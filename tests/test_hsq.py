@@ -1,0 +1,232 @@
+"""HSQ: codebook, greedy projection identities, unbiased sampler, scalar grid, bits, EF
+(spec ALGORITHMS_M22_HSQ_LAQ.md 2.10), checked against NumPy float64."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from fedjax_compress import Keys, bits, compressors as C, wire
+from fedjax_compress.compressors import _hsq
+
+KEYS = Keys(jax.random.key(0), jax.random.key(1))
+
+
+def _unit_rows(n, d, seed):
+  u = np.random.default_rng(seed).normal(size=(n, d))
+  return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- codebook
+
+
+def test_codebook_unit_deterministic_and_covering():
+  c = _hsq.codebook(256, 16, seed=0)
+  assert c.shape == (256, 16) and np.all(np.isfinite(c))
+  np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-6)
+  _hsq.codebook.cache_clear()
+  np.testing.assert_array_equal(_hsq.codebook(256, 16, seed=0), c)  # regenerated, same
+  assert not np.allclose(_hsq.codebook(256, 16, seed=1), c)
+  # Coverage (spec A.2: official codebooks reach mean best |cos| 0.690 at dc=16, K=256) and
+  # k-means must beat random unit vectors (only slightly at dc=16: 0.683 -> 0.689).
+  u = _unit_rows(20000, 16, 3)
+  cover = np.abs(u @ c.T).max(1).mean()
+  random_cover = np.abs(u @ _unit_rows(256, 16, 4).T).max(1).mean()
+  assert cover > 0.685 and cover > random_cover + 0.003
+
+
+def test_codebook_square_is_orthogonal():
+  c = _hsq.codebook(8, 8, seed=2).astype(np.float64)
+  np.testing.assert_allclose(c @ c.T, np.eye(8), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+class GreedyTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(dict(k=256, dc=16), dict(k=32, dc=8), dict(k=64, dc=5))
+  def test_projection_identities(self, k, dc):
+    c = C.hsq(codebook_size=k, chunk=dc, scalar_bits=32, error_feedback=False)
+    g = {"w": jax.random.normal(jax.random.key(3), (41, 13))}  # 533: last chunk padded
+    payload, _ = self.variant(c.encode)(g, c.init(g)[0], KEYS)
+    out, _ = self.variant(c.decode)(payload, None, KEYS, g)
+    cb = _hsq.codebook(k, dc).astype(np.float64)
+    d = g["w"].size
+    n = math.ceil(d / dc)
+    x = np.zeros(n * dc)
+    x[:d] = np.ravel(g["w"])
+    x = x.reshape(n, dc)
+    y = np.zeros(n * dc)
+    y[:d] = np.ravel(out["w"])
+    y = y.reshape(n, dc)
+    p = np.abs(x @ cb.T)
+    idx = np.asarray(payload["index"].data).astype(int)
+    np.testing.assert_array_less(p.max(1) - 1e-5, p[np.arange(n), idx] + 1e-12)  # argmax
+    u = np.asarray(payload["scalar"].data, np.float64)
+    np.testing.assert_allclose(u, np.sum(x * cb[idx], axis=1), atol=1e-5)
+    full = slice(0, n - 1)  # the padded chunk is cut on decode, compare whole chunks only
+    np.testing.assert_allclose(y[full], u[full, None] * cb[idx[full]], rtol=1e-5, atol=1e-6)
+    resid = x[full] - y[full]
+    np.testing.assert_allclose(np.sum(resid * y[full], 1), 0.0, atol=1e-5)
+    assert np.all(np.sum(y[full]**2, 1) <= np.sum(x[full]**2, 1) + 1e-5)
+    np.testing.assert_allclose(np.sum(resid**2, 1), np.sum(x[full]**2, 1) - u[full]**2,
+                               atol=1e-4)
+
+  def test_exact_on_codeword_multiples(self):
+    cb = _hsq.codebook(64, 8)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 64, size=30)
+    scal = rng.normal(size=30)
+    g = jnp.asarray((scal[:, None] * cb[rows]).reshape(-1), jnp.float32)
+    c = C.hsq(codebook_size=64, chunk=8, scalar_bits=32, error_feedback=False)
+    out, _ = c.decode(c.encode(g, None, KEYS)[0], None, KEYS, g)
+    np.testing.assert_allclose(out, g, atol=1e-5)
+
+  def test_orthonormal_codebook_picks_largest_rotated_coordinate(self):
+    cb = _hsq.codebook(16, 16, seed=5).astype(np.float64)
+    x = np.random.default_rng(1).normal(size=(20, 16))
+    g = jnp.asarray(x.reshape(-1), jnp.float32)
+    c = C.hsq(codebook_size=16, chunk=16, scalar_bits=32, seed=5, error_feedback=False)
+    payload, _ = c.encode(g, None, KEYS)
+    np.testing.assert_array_equal(payload["index"].data, np.abs(x @ cb.T).argmax(1))
+
+
+# ----------------------------------------------------------------------------- scalars, zeros
+
+
+def test_scalar_grid_bounds_and_unbiasedness():
+  c = C.hsq(codebook_size=32, chunk=4, scalar_bits=3, error_feedback=False)
+  g = jax.random.normal(jax.random.key(7), (400,))
+  exact = C.hsq(codebook_size=32, chunk=4, scalar_bits=32, error_feedback=False)
+  u = np.asarray(exact.encode(g, None, KEYS)[0]["scalar"].data, np.float64)
+  h = 3
+  step = np.abs(u).max() / h
+
+  @jax.jit
+  def scalars(key):
+    p, _ = c.encode(g, None, Keys(key, key))
+    return p["scalar"].data.astype(jnp.float32) * p["scale"].data[0]
+
+  s = np.asarray(jax.vmap(scalars)(jax.random.split(jax.random.key(9), 4000)), np.float64)
+  np.testing.assert_allclose(s / step, np.round(s / step), atol=1e-4)  # on the grid
+  assert np.all(np.abs(s) <= np.abs(u).max() * (1 + 1e-6))
+  # Each draw lies on one of the two grid points around u; mean -> u within 5 sigma, where
+  # sigma <= step / 2 / sqrt(N) (Bernoulli variance <= 1/4 step^2).
+  assert np.all(np.abs(s - u) <= step * (1 + 1e-5))
+  np.testing.assert_array_less(np.abs(s.mean(0) - u), 5 * 0.5 * step / math.sqrt(4000) + 1e-6)
+  det = C.hsq(codebook_size=32, chunk=4, scalar_bits=3, stochastic=False, error_feedback=False)
+  p, _ = det.encode(g, None, KEYS)
+  sd = np.asarray(p["scalar"].data) * float(p["scale"].data[0])
+  assert np.all(np.abs(sd - u) <= step / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", _hsq.MODES)
+def test_zero_chunks_decode_to_zero(mode):
+  c = C.hsq(codebook_size=32, chunk=8, mode=mode, error_feedback=False)
+  g = np.random.default_rng(0).normal(size=100).astype(np.float32)
+  g[8:24] = 0.0  # chunks 1 and 2
+  out, _ = c.decode(c.encode(jnp.asarray(g), None, KEYS)[0], None, KEYS, jnp.asarray(g))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_array_equal(np.asarray(out)[8:24], 0.0)
+  z = jnp.zeros((37,))
+  payload, _ = c.encode(z, None, KEYS)
+  out, _ = c.decode(payload, None, KEYS, z)
+  np.testing.assert_array_equal(out, 0.0)
+  assert np.all(np.isfinite(payload["scale"].data))
+
+
+# ----------------------------------------------------------------------------- unbiased mode
+
+
+def test_unbiased_sampler_mean_and_second_moment():
+  k, dc = 32, 8
+  cb = _hsq.codebook(k, dc).astype(np.float64)
+  x = np.random.default_rng(2).normal(size=(3, dc))
+  alpha = np.linalg.pinv(cb.T) @ x.T  # [K, 3]
+  np.testing.assert_allclose(cb.T @ alpha, x.T, atol=1e-8)
+  c = C.hsq(codebook_size=k, chunk=dc, scalar_bits=32, mode="unbiased", error_feedback=False)
+  g = jnp.asarray(x.reshape(-1), jnp.float32)
+
+  @jax.jit
+  def sample(key):
+    return c.decode(c.encode(g, None, Keys(key, key))[0], None, None, g)[0]
+
+  n = 40000
+  s = np.asarray(jax.vmap(sample)(jax.random.split(jax.random.key(4), n)), np.float64)
+  s = s.reshape(n, 3, dc)
+  sigma = s.std(0) / math.sqrt(n)
+  assert np.all(np.abs(s.mean(0) - x) < 5 * sigma + 1e-6)
+  l1 = np.abs(alpha).sum(0)
+  np.testing.assert_allclose(np.sum(s**2, 2)[0], l1**2, rtol=1e-4)  # ||x^|| = ||alpha||_1 always
+
+
+# ----------------------------------------------------------------------------- bits, EF, aggregate
+
+
+@pytest.mark.parametrize("d,k,dc,nb", [(1000, 256, 16, 6), (533, 64, 5, 4), (16, 256, 16, 6),
+                                       (77, 512, 8, 10), (50, 32, 8, 32)])
+def test_bits_formula_and_packed_length(d, k, dc, nb):
+  c = C.hsq(codebook_size=k, chunk=dc, scalar_bits=nb, error_feedback=False)
+  g = {"a": jax.random.normal(jax.random.key(d), (d - d // 3,)),
+       "b": jax.random.normal(jax.random.key(1), (d // 3,))}
+  payload, _ = c.encode(g, None, KEYS)
+  expected = math.ceil(d / dc) * (math.ceil(math.log2(k)) + nb) + (0 if nb == 32 else 32)
+  assert expected == _hsq.bits_per_message(d, codebook_size=k, chunk=dc, scalar_bits=nb)
+  assert int(bits.count(payload)) == wire.total_bits(payload) == expected
+  data = wire.pack(payload)
+  assert len(data) == -(-expected // 8)
+  back = wire.unpack(data, payload)
+  for name in payload:
+    np.testing.assert_array_equal(back[name].data, payload[name].data)
+
+
+def test_default_rate_is_0875_bits_per_coordinate():
+  d = 16 * 4096
+  assert _hsq.bits_per_message(d) / d == pytest.approx(0.875, abs=1e-3)
+
+
+def test_error_feedback_telescopes():
+  c = C.hsq(codebook_size=64, chunk=8, scalar_bits=4)
+  like = {"w": jnp.zeros((10, 9)), "b": jnp.zeros((5,))}
+  state = c.init(like)[0]
+  total_g = jax.tree.map(lambda x: np.zeros(x.shape), like)
+  total_d = jax.tree.map(lambda x: np.zeros(x.shape), like)
+  enc = jax.jit(c.encode)
+  for t in range(6):
+    g = jax.tree.map(lambda x, i=t: jax.random.normal(jax.random.key(10 + i), x.shape), like)
+    keys = Keys(jax.random.key(100 + t), jax.random.key(200 + t))
+    payload, state = enc(g, state, keys)
+    out, _ = c.decode(payload, None, keys, like)
+    total_g = jax.tree.map(lambda a, b: a + np.asarray(b, np.float64), total_g, g)
+    total_d = jax.tree.map(lambda a, b: a + np.asarray(b, np.float64), total_d, out)
+  for name in like:
+    np.testing.assert_allclose(total_d[name] + np.asarray(state.residual[name]), total_g[name],
+                               atol=1e-4)
+
+
+def test_aggregate_is_weighted_sum_of_decodes():
+  c = C.hsq(codebook_size=32, chunk=4, error_feedback=False)
+  gs = [jax.random.normal(jax.random.key(s), (90,)) for s in range(3)]
+  keys = [Keys(jax.random.key(0), jax.random.key(5 + s)) for s in range(3)]
+  ps = [c.encode(g, None, kk)[0] for g, kk in zip(gs, keys)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+  w = jnp.array([0.5, 0.25, 0.25])
+  agg = c.aggregate(stacked, w, Keys(keys[0].shared, jnp.stack([k.private for k in keys])), gs[0])
+  ref = sum(float(wi) * np.asarray(c.decode(p, None, None, gs[0])[0]) for wi, p in zip(w, ps))
+  np.testing.assert_allclose(agg, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+  for kw in [dict(codebook_size=1), dict(chunk=0), dict(scalar_bits=1), dict(scalar_bits=20),
+             dict(mode="sampled"), dict(mode="unbiased", codebook_size=8, chunk=16),
+             dict(codebook_size=2**17)]:
+    with pytest.raises(ValueError):
+      C.hsq(**kw)
+  with pytest.raises(ValueError):
+    C.hsq(error_feedback=False).encode(jnp.array([1.0, jnp.inf]), None, KEYS)
