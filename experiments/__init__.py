@@ -1,0 +1,1 @@
+"""Experiment scripts for fedjax_compress (ml_collections configs + absl flags)."""

@@ -1,0 +1,167 @@
+"""`run_experiment(config, workdir)`: a resumable federated training run driven by a config.
+
+Writes `<workdir>/config.json`, `metrics.jsonl` (one row per round: round, loss, accuracy,
+test_loss, up_bits, down_bits, cumulative bits as Python ints, clients, nonfinite),
+`accuracy_vs_bits.png` and orbax checkpoints under `ckpt/`. On restart it restores the latest
+checkpoint, drops metric rows after it and recomputes them; since cohorts and keys are pure
+functions of `(seed, round)` the resumed run is bit-identical to an uninterrupted one. A
+KeyboardInterrupt saves a checkpoint of the last completed round before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+import optax
+import tqdm
+
+from experiments.common.checkpoint import Checkpointer
+from experiments.common.compressors import make_compressor
+from experiments.common.logging import MetricsWriter
+from experiments.common.plotting import plot_accuracy_vs_bits
+from fedjax_compress import data as fdata
+from fedjax_compress import federated, models
+from fedjax_compress._src.base import Compressor
+
+
+def _plain(x: Any) -> Any:
+  """ConfigDict / nested mappings -> plain dicts."""
+  return x.to_dict() if hasattr(x, "to_dict") else (dict(x) if x is not None else {})
+
+
+def make_dataset(cfg: Any) -> fdata.FederatedData:
+  """`synthetic` (offline) or any tfds name via `data.load_tfds` with the remaining fields."""
+  kw = _plain(cfg)
+  name = kw.pop("name")
+  if name == "synthetic":
+    alpha, beta = kw.pop("alpha"), kw.pop("beta")
+    return fdata.synthetic(alpha, beta, **kw)
+  return fdata.load_tfds(name, **kw)
+
+
+def make_server_tx(name: str, lr: float) -> optax.GradientTransformation:
+  """Server optimizer applied to the aggregated pseudo-gradient (sgd lr 1 = FedAvg)."""
+  table = {"sgd": lambda: optax.sgd(lr), "momentum": lambda: optax.sgd(lr, momentum=0.9),
+           "adam": lambda: optax.adam(lr), "adagrad": lambda: optax.adagrad(lr),
+           "yogi": lambda: optax.yogi(lr)}
+  if name not in table:
+    raise ValueError(f"unknown server_opt {name!r}; choose one of {sorted(table)}")
+  return table[name]()
+
+
+class Experiment(NamedTuple):
+  """Everything built from a config before the first round."""
+
+  data: fdata.FederatedData
+  model: Any
+  uplink: Compressor
+  downlink: Optional[Compressor]
+  round_fn: Callable
+  state: federated.ServerState
+  mesh: Any
+  pad_to: int
+
+
+def build_experiment(config: Any) -> Experiment:
+  """Dataset, model, compressors, jitted round and initial (sharded) server state."""
+  data = make_dataset(config.dataset)
+  model = models.create(config.model.name, data.num_classes, **_plain(config.model.kwargs))
+  params = models.init_params(model, data.clients[0]["x"][:1],
+                              jax.random.fold_in(jax.random.key(config.seed), 1))
+  uplink = make_compressor(config.compressor, _plain(config.compressor_kwargs),
+                           ef=config.error_feedback)
+  downlink = (make_compressor(config.downlink, _plain(config.downlink_kwargs))
+              if config.downlink else None)
+  server_tx = make_server_tx(config.server_opt, config.server_lr)
+  round_fn = jax.jit(federated.build_round(
+      models.classification_loss(model), optax.sgd(config.client_lr), server_tx, uplink,
+      local_steps=config.local_steps, downlink=downlink))
+  state = federated.init_server_state(params, server_tx, uplink, num_clients=data.num_clients,
+                                      downlink=downlink)
+  n = len(jax.devices()) if config.shard else 1
+  mesh = federated.client_mesh(n) if n > 1 else None
+  if mesh is not None:
+    state = federated.shard_state(state, mesh)
+  return Experiment(data, model, uplink, downlink, round_fn, state, mesh, n)
+
+
+def run_experiment(config: Any, workdir: str, *, progress: bool = True,
+                   callback: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+  """Run (or resume) `config.rounds` rounds; returns all metric rows. See module docstring.
+
+  `callback(round, row)` is called after each row is written (e.g. for early stopping by
+  raising); the experiment state is only ever checkpointed at completed rounds.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(_plain(config), f, indent=2, sort_keys=True)
+  exp = build_experiment(config)
+  ckpt = Checkpointer(os.path.join(workdir, "ckpt"))
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  state, start = exp.state, 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, start = ckpt.restore(latest, exp.state), latest
+  rows = writer.truncate(start)
+  if len(rows) != start:
+    raise RuntimeError(f"metrics.jsonl has {len(rows)} rows for checkpoint round {start}")
+  cum_up = rows[-1]["cum_up_bits"] if rows else 0
+  cum_down = rows[-1]["cum_down_bits"] if rows else 0
+  seed_key = jax.random.key(config.seed)
+  bar = tqdm.tqdm(total=config.rounds, initial=start, disable=not progress, desc="rounds")
+  r = start
+  try:
+    for r in range(start, config.rounds):
+      cohort = federated.sample_cohort(
+          exp.data, r, cohort_size=config.cohort_size, local_steps=config.local_steps,
+          batch_size=config.batch_size, seed=config.seed, pad_to=exp.pad_to,
+          weighting=config.weighting)
+      if exp.mesh is not None:
+        cohort = federated.shard_cohort(cohort, exp.mesh)
+      new_state, m = exp.round_fn(state, cohort, seed_key)
+      weight = np.asarray(cohort.weight, np.float64)
+      up = int(np.asarray(m.up_bits, np.int64).sum())  # host-side Python ints: no overflow
+      down = int(np.asarray(m.down_bits, np.int64).sum())
+      cum_up, cum_down = cum_up + up, cum_down + down
+      row = {"round": r + 1,
+             "loss": float(np.sum(weight * np.asarray(m.loss)) / max(weight.sum(), 1e-30)),
+             "up_bits": up, "down_bits": down, "cum_up_bits": cum_up,
+             "cum_down_bits": cum_down, "cum_bits": cum_up + cum_down,
+             "clients": int((weight > 0).sum()),
+             "nonfinite": int(((weight > 0) & ~np.asarray(m.finite)).sum()),
+             "accuracy": None, "test_loss": None}
+      if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
+        ev = models.evaluate(exp.model, new_state.params, exp.data.test)
+        row["accuracy"], row["test_loss"] = ev["accuracy"], ev["loss"]
+      writer.write(row)
+      rows.append(row)
+      state = new_state  # committed: state.round == r + 1 == rows[-1]['round']
+      bar.update(1)
+      bar.set_postfix(loss=f"{row['loss']:.3f}", acc=row["accuracy"], Mbit=cum_up // 10**6)
+      if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.rounds:
+        ckpt.save(r + 1, state)
+      if callback is not None:
+        callback(r + 1, row)
+  except KeyboardInterrupt:
+    ckpt.save(len(rows), state)  # last completed round; nothing is lost
+    raise
+  finally:
+    bar.close()
+  plot_accuracy_vs_bits(rows, os.path.join(workdir, "accuracy_vs_bits.png"),
+                        f"{config.compressor} on {exp.data.name}")
+  ckpt.close()
+  return rows
+
+
+def final_state(config: Any, workdir: str) -> federated.ServerState:
+  """The latest checkpointed `ServerState` of a run (e.g. for analysis or tests)."""
+  exp = build_experiment(config)
+  ckpt = Checkpointer(os.path.join(workdir, "ckpt"))
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/ckpt")
+  return ckpt.restore(step, exp.state)
