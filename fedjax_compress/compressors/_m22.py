@@ -362,7 +362,11 @@ def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
     return p.keep * _bits.index_bits(p.size) < p.size
 
   def design(x, kept, p: _Plan):
-    """Per-segment (levels, thresholds) in the raw domain and z-domain codes."""
+    """Per-segment levels in the raw domain and each coordinate's code."""
+    # The design is side information: no gradient flows through the fit or Lloyd (whose
+    # incomplete-gamma terms have infinite derivatives at infinite cell bounds). So under
+    # jax.grad quantized entries have zero gradient and raw entries pass it through.
+    x = jax.lax.stop_gradient(x)
     seg_np = np.where(p.seg < 0, 0, p.seg)
     seg = jnp.asarray(seg_np)
     w = (kept & jnp.asarray(p.seg >= 0)).astype(jnp.float32)
@@ -469,8 +473,9 @@ def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
 
   def aggregate_fn(payloads, weights, keys, like):
     del keys
-    decoded = jax.vmap(lambda q: layout.ravel(decode_fn(q, None, None, like)[0]))(payloads)
-    return layout.unraveler(like)(jnp.tensordot(weights, decoded, axes=1))
+    like32 = layout.zeros_like_f32(like)  # decode in float32, round to like's dtypes once
+    decoded = jax.vmap(lambda q: layout.ravel(decode_fn(q, None, None, like32)[0]))(payloads)
+    return layout.unraveler(like)(jnp.tensordot(weights, decoded, axes=1))  # casts per leaf
 
   return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
 

@@ -61,6 +61,14 @@ REGISTRY: list[Entry] = [
           max_bits_fraction=0.15),
     Entry("igc_time_varying", lambda: C.intrinsic_time_varying(16), max_bits_fraction=0.15),
     # --- M22 / HSQ (issue 6) ---
+    Entry("m22", lambda: C.m22(2, top_fraction=0.6, min_layer_size=40, lloyd_iters=20)),
+    Entry("m22_weibull_pooled", lambda: C.m22(1, m=2.0, family="weibull", top_fraction=None,
+                                              per_layer=False, min_layer_size=1, fit="moments")),
+    Entry("hsq", lambda: C.hsq(codebook_size=64, chunk=8), stateful=True, max_bits_fraction=0.1),
+    Entry("hsq_no_ef", lambda: C.hsq(error_feedback=False), max_bits_fraction=0.05),
+    Entry("hsq_unbiased", lambda: C.hsq(codebook_size=32, chunk=8, mode="unbiased",
+                                        error_feedback=False), unbiased=True,
+          max_bits_fraction=0.1),
     # --- LBGM / LAQ (issue 5) ---
     Entry("lbgm_identity", lambda: C.lbgm(C.identity(), 0.2), stateful=True),
     Entry("lbgm_whole_model", lambda: C.lbgm(C.identity(), 0.2, per_tensor=False), stateful=True),
