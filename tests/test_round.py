@@ -144,6 +144,21 @@ def test_stateful_partial_participation_gather_scatter():
   assert int(s2.round) == 2
 
 
+def test_stateful_receivers_are_gathered_and_scattered():
+  rng = np.random.default_rng(10)
+  up = compressors.laq(4, step_size=0.1)  # server keeps each client's last quantized gradient
+  assert up.aggregate is None
+  rnd = jax.jit(federated.build_round(mse_loss, optax.sgd(0.1), optax.sgd(1.0), up,
+                                      local_steps=STEPS))
+  state = federated.init_server_state(params0(), optax.sgd(1.0), up, num_clients=5)
+  new, _ = rnd(state, make_cohort(rng, [3, 1, 0], [1.0, 1.0, 0.0]), jax.random.key(0))
+  for leaf0, leaf1 in zip(jax.tree.leaves(state.receivers), jax.tree.leaves(new.receivers)):
+    a, b = np.asarray(leaf0), np.asarray(leaf1)
+    np.testing.assert_array_equal(a[[0, 2, 4]], b[[0, 2, 4]])  # absent or padding: kept
+  qhat = np.asarray(jax.tree.leaves(new.receivers)[0])
+  assert np.abs(qhat[[1, 3]]).sum() > 0  # first upload is forced: participants updated
+
+
 @pytest.mark.parametrize("name", ["qsgd", "lbgm"])
 def test_up_bits_equal_wire_total_bits(name):
   rng = np.random.default_rng(4)
