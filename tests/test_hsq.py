@@ -225,8 +225,19 @@ def test_aggregate_is_weighted_sum_of_decodes():
 def test_bad_arguments():
   for kw in [dict(codebook_size=1), dict(chunk=0), dict(scalar_bits=1), dict(scalar_bits=20),
              dict(mode="sampled"), dict(mode="unbiased", codebook_size=8, chunk=16),
-             dict(codebook_size=2**17)]:
+             dict(codebook_size=2**17), dict(search_block=0)]:
     with pytest.raises(ValueError):
       C.hsq(**kw)
   with pytest.raises(ValueError):
     C.hsq(error_feedback=False).encode(jnp.array([1.0, jnp.inf]), None, KEYS)
+
+
+@pytest.mark.parametrize("mode", _hsq.MODES)
+def test_blocked_search_equals_single_matmul(mode):
+  g = jax.random.normal(jax.random.key(8), (1003,))  # 126 chunks: 3 blocks of 50, padded
+  one = C.hsq(codebook_size=32, chunk=8, mode=mode, error_feedback=False)
+  blocked = C.hsq(codebook_size=32, chunk=8, mode=mode, error_feedback=False, search_block=50)
+  p1, _ = one.encode(g, None, KEYS)
+  p2, _ = blocked.encode(g, None, KEYS)
+  for name in p1:
+    np.testing.assert_array_equal(p1[name].data, p2[name].data)

@@ -75,7 +75,7 @@ def _int_dtype(width: int, signed: bool):
 
 def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed: int = 0,
         error_feedback: bool = True, mode: str = "greedy", stochastic: bool = True,
-        kmeans_iters: int = 20) -> Compressor:
+        kmeans_iters: int = 20, search_block: int = 65536) -> Compressor:
   """Hyper-sphere quantization: one codeword index and one scalar per `dc`-chunk.
 
   The model is raveled and zero-padded to `n = ceil(D/dc)` chunks `x_i` (padding is never
@@ -91,6 +91,9 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
   `(min u, max u)`, so zero chunks decode to exactly zero and one float is saved.
   `error_feedback=True` wraps the codec in `error_feedback` (`e <- y - y^`, scale 1;
   the code's `tanh(epoch/2)` warm-up of the residual is not implemented).
+
+  The search scores `[chunks, K]` are formed `search_block` chunks at a time (`lax.map`
+  over blocks when there are more), bounding memory to `4 K search_block` bytes.
 
   Bits: `ceil(D/dc) * (ceil(log2 K) + n) + 32` (`n < 32`), `ceil(D/dc) * (ceil(log2 K) + 32)`
   for `n = 32`. Defaults (K=256, dc=16, n=6) give 0.875 bit/coordinate.
@@ -117,6 +120,7 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
   if mode == "unbiased" and size < dc:
     raise ValueError(f"mode='unbiased' needs codebook_size >= chunk, got {size} < {dc}")
   kmeans_iters = checks.check_positive_int(kmeans_iters, "kmeans_iters")
+  search_block = checks.check_positive_int(search_block, "search_block")
   cb_np = codebook(size, dc, seed=seed, iters=kmeans_iters)
   pinv_np = (np.linalg.pinv(cb_np.T.astype(np.float64)).astype(np.float32)
              if mode == "unbiased" else None)  # K x dc with C^T pinv = I
@@ -133,17 +137,31 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
     x = chunks_of(vec)
     cb = jnp.asarray(cb_np)
     k_sample, k_round = jax.random.split(keys.private)
+    n = x.shape[0]
     if mode == "greedy":
-      p = x @ cb.T                                   # [n, K]: the whole search is one matmul
-      k = jnp.argmax(jnp.abs(p), axis=1)             # ties: lowest index
-      u = jnp.take_along_axis(p, k[:, None], axis=1)[:, 0]
+      def search(xb, _):
+        p = xb @ cb.T                                # [b, K]: the search is one matmul
+        k = jnp.argmax(jnp.abs(p), axis=1)           # ties: lowest index
+        return k, jnp.take_along_axis(p, k[:, None], axis=1)[:, 0]
+      r = jnp.zeros((n,), jnp.float32)
     else:
-      a = x @ jnp.asarray(pinv_np).T                 # [n, K]: C^T a_i = x_i
-      l1 = jnp.sum(jnp.abs(a), axis=1)
-      r = jax.random.uniform(k_sample, l1.shape) * l1
-      # Inverse CDF: first index whose cumulative |a| reaches r (zero chunk -> index 0).
-      k = jnp.minimum(jnp.sum(jnp.cumsum(jnp.abs(a), axis=1) < r[:, None], axis=1), size - 1)
-      u = jnp.sign(jnp.take_along_axis(a, k[:, None], axis=1)[:, 0]) * l1
+      def search(xb, rb):
+        a = xb @ jnp.asarray(pinv_np).T              # [b, K]: C^T a_i = x_i
+        l1 = jnp.sum(jnp.abs(a), axis=1)
+        # Inverse CDF: first index whose cumulative |a| reaches r (zero chunk -> index 0).
+        k = jnp.minimum(jnp.sum(jnp.cumsum(jnp.abs(a), axis=1) < (rb * l1)[:, None], axis=1),
+                        size - 1)
+        return k, jnp.sign(jnp.take_along_axis(a, k[:, None], axis=1)[:, 0]) * l1
+      r = jax.random.uniform(k_sample, (n,))
+    if n <= search_block:
+      k, u = search(x, r)
+    else:  # bounded memory: blocks of chunks, zero-padded (padding rows are dropped)
+      nb_ = -(-n // search_block)
+      pad = nb_ * search_block - n
+      xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(nb_, search_block, dc)
+      rb = jnp.pad(r, (0, pad)).reshape(nb_, search_block)
+      k, u = jax.lax.map(lambda a: search(*a), (xb, rb))
+      k, u = k.reshape(-1)[:n], u.reshape(-1)[:n]
     payload = {"index": Field(k.astype(_int_dtype(index_width, False)), index_width)}
     if nb == 32:
       payload["scalar"] = Field(u.astype(jnp.float32), 32)
