@@ -1,6 +1,5 @@
 """Execute notebooks/quickstart.ipynb headless (as nbmake does in CI) with small settings."""
 
-import os
 import pathlib
 
 import pytest
