@@ -75,7 +75,7 @@ def _int_dtype(width: int, signed: bool):
 
 def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed: int = 0,
         error_feedback: bool = True, mode: str = "greedy", stochastic: bool = True,
-        kmeans_iters: int = 20, search_block: int = 65536) -> Compressor:
+        kmeans_iters: int = 20, search_block: int = 8192) -> Compressor:
   """Hyper-sphere quantization: one codeword index and one scalar per `dc`-chunk.
 
   The model is raveled and zero-padded to `n = ceil(D/dc)` chunks `x_i` (padding is never
