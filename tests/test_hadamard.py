@@ -97,6 +97,21 @@ class FwhtTest(parameterized.TestCase):
       assert max(f) // min(f) <= 2 or log2n == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU/TPU backend")
+@pytest.mark.parametrize("log2n", [12, 13, 16, 20])
+def test_compiled_pallas_kernel_on_accelerator(log2n):
+  """The non-interpreted kernel (what 'auto' runs on GPU) vs float64, plus its VJP."""
+  x = np.random.default_rng(log2n).standard_normal((2, 1 << log2n))
+  got = jax.jit(lambda v: ops.fwht(v))(jnp.asarray(x, jnp.float32))
+  assert ops.default_method() != "pallas" or log2n >= 12
+  for row, ref_row in zip(np.asarray(got), x):
+    assert _rel_err(row, _np_fwht(ref_row)) <= 1e-6
+  w = jnp.asarray(x[1], jnp.float32)
+  g = jax.jit(jax.grad(lambda v: jnp.vdot(ops.fwht(v), w)))(jnp.asarray(x[0], jnp.float32))
+  assert _rel_err(g, _np_fwht(x[1])) <= 1e-6
+
+
 def _np_fwht(x):
   """Float64 NumPy butterfly (spec Appendix A)."""
   x, h, n = np.asarray(x, np.float64).copy(), 1, x.shape[-1]

@@ -232,6 +232,37 @@ class IgcTest(parameterized.TestCase):
         g, EmptyState(), _keys(0))
     np.testing.assert_array_equal(a.data, b.data)
 
+  def test_static_downlink_sends_subspace_coordinates(self):
+    """Static download = 32 d bits: deltas V dz are recovered exactly; others are projected."""
+    d = 6
+    up, dn = C.intrinsic_static(d, seed=8), C.intrinsic_static_downlink(d, seed=8)
+    v = _dense(jax.random.fold_in(jax.random.key(8), 0), d)
+    dz = np.random.default_rng(0).standard_normal(d)
+    delta = layout.unraveler(LIKE)(jnp.asarray(v @ dz, jnp.float32))
+    enc = jax.jit(dn.encode)
+    payload, _ = enc(delta, EmptyState(), _keys(0))
+    assert int(bits.count(payload)) == 32 * d == C.intrinsic_downlink_bits("static", d, D)
+    np.testing.assert_allclose(payload.data, dz, atol=1e-5)
+    out, _ = dn.decode(payload, EmptyState(), _keys(0), LIKE)
+    np.testing.assert_allclose(layout.ravel(out), v @ dz, atol=1e-5)
+    # the decoder is the uplink decoder: same map
+    out_up, _ = up.decode(payload, EmptyState(), _keys(3), LIKE)
+    np.testing.assert_array_equal(layout.ravel(out_up), layout.ravel(out))
+    g = np.asarray(layout.ravel(_tree(9)), np.float64)
+    p2, _ = enc(layout.unraveler(LIKE)(jnp.asarray(g, jnp.float32)), EmptyState(), _keys(0))
+    np.testing.assert_allclose(p2.data, np.linalg.lstsq(v, g, rcond=None)[0], atol=1e-4)
+    # gradients go through the solve implicitly: d<w, P g>/dg = P w (P the projection)
+    proj = v @ np.linalg.solve(v.T @ v, v.T)
+    wv = np.random.default_rng(1).standard_normal(D)
+    grad = jax.jit(jax.grad(lambda gf: jnp.vdot(layout.ravel(dn.decode(
+        dn.encode(layout.unraveler(LIKE)(gf), EmptyState(), _keys(0))[0], EmptyState(),
+        _keys(0), LIKE)[0]), jnp.asarray(wv, jnp.float32))))(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(grad, proj @ wv, atol=1e-4)
+    zero, _ = enc(LIKE, EmptyState(), _keys(0))
+    np.testing.assert_array_equal(zero.data, np.zeros(d))
+    with self.assertRaisesRegex(ValueError, "cg_iters"):
+      C.intrinsic_static_downlink(3, cg_iters=0)
+
   def test_subspace_reparam(self):
     theta0 = {"b": jnp.ones((7,), jnp.bfloat16), "w": jnp.full((6, 5), 2.0)}
     theta = C.subspace_reparam(theta0, 4, seed=1)

@@ -3,7 +3,8 @@
 from fedjax_compress.compressors._hsq import hsq
 from fedjax_compress.compressors._identity import identity
 from fedjax_compress.compressors._igc import (IgcState, intrinsic_downlink_bits, intrinsic_k_subspace,
-                                              intrinsic_static, intrinsic_time_varying,
+                                              intrinsic_static, intrinsic_static_downlink,
+                                              intrinsic_time_varying,
                                               subspace_loss, subspace_reparam)
 from fedjax_compress.compressors._laq import laq, slaq
 from fedjax_compress.compressors._lbgm import lbgm
@@ -16,4 +17,5 @@ from fedjax_compress.compressors._sparsify import random_k, top_k
 __all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "count_sketch", "power_sgd", "PowerSGDState", "lbgm", "laq", "slaq",
            "m22", "per_bit_accuracy", "PerBitAccuracy",
            "intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
+           "intrinsic_static_downlink",
            "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]

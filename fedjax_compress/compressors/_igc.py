@@ -21,7 +21,8 @@ same for every party of a round, see `keys.round_keys`) or from a counter state:
 - `intrinsic_time_varying`: a fresh `V = V(fold_in(keys.shared, 0))` every round. Stateless.
 
 Downlink costs (server -> client; not a property of these uplink compressors) are given by
-`intrinsic_downlink_bits` (spec IGC 2.4 table).
+`intrinsic_downlink_bits` (spec IGC 2.4 table); for the static variant,
+`intrinsic_static_downlink` is an actual downlink compressor with that cost.
 """
 
 from __future__ import annotations
@@ -162,13 +163,80 @@ def intrinsic_time_varying(d: int, *, block_rows: int | None = None, gaussian: b
               True, block_rows, gaussian, method)
 
 
+def intrinsic_static_downlink(d: int, *, seed: int | jax.Array = 0, cg_iters: int = 32,
+                              block_rows: int | None = None, gaussian: bool = True,
+                              method: str = "auto") -> Compressor:
+  """Server -> client channel of static IGC: send the subspace coordinates, `32 d` bits.
+
+  `encode(delta)` sends `z* = argmin_z ||V z - delta||` (the same `V` as
+  `intrinsic_static(d, seed=seed)`), found by `cg_iters` conjugate-gradient steps on
+  `V^T V z = V^T delta` started at `V^T delta` (`V^T V ~ I` for `d << D`, so a few steps
+  reach float32 precision); `decode(z) = V z`. Static-IGC model deltas
+  `theta_{t+1} - theta_t = V dz` lie in `range(V)`, so they are sent exactly (up to float
+  rounding): the spec's `32 d` download. Other inputs get their orthogonal projection onto
+  `range(V)`. As `d -> D`, `V^T V` gets ill-conditioned and more steps may be needed.
+  """
+  d = _check_common(d, block_rows, method)
+  iters = checks.check_positive_int(cg_iters, "cg_iters")
+  key = jax.random.fold_in(as_key(seed), 0)
+
+  def fastfood(num):
+    return _fastfood.fastfood_params(key, d, num, block_rows=block_rows, gaussian=gaussian,
+                                     method=method)
+
+  def init_fn(params):
+    _fastfood.check_dims(d, layout.num_params(params))
+    return EmptyState(), EmptyState()
+
+  def encode_fn(updates, state, keys, params=None):
+    del keys, params
+    checks.check_finite(updates)
+    y = layout.ravel(updates)
+    p = fastfood(y.shape[0])
+    gram = lambda z: _fastfood.fastfood_transpose(p, _fastfood.fastfood_project(p, z))
+    b = _fastfood.fastfood_transpose(p, y)
+
+    def cg(matvec, rhs):
+      def step(_, carry):
+        z, r, u, rr = carry
+        au = matvec(u)
+        uau = jnp.vdot(u, au)
+        alpha = jnp.where(uau > 0, rr / jnp.where(uau > 0, uau, 1.0), 0.0)
+        z, r = z + alpha * u, r - alpha * au
+        rr_new = jnp.vdot(r, r)
+        beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
+        return z, r, r + beta * u, rr_new
+
+      r0 = rhs - matvec(rhs)
+      return jax.lax.fori_loop(0, iters, step, (rhs, r0, r0, jnp.vdot(r0, r0)))[0]
+
+    # Implicit differentiation of the solve (not through the CG iterations, whose
+    # coefficients are ill-conditioned once the residual vanishes).
+    z = jax.lax.custom_linear_solve(gram, b, cg, symmetric=True)
+    return Field(z, _FLOAT_BITS), state
+
+  def decode_fn(payload, state, keys, like):
+    del keys
+    y = _fastfood.fastfood_project(fastfood(layout.num_params(like)), payload.data)
+    return layout.unraveler(like)(y), state
+
+  def aggregate_fn(payloads, weights, keys, like):
+    del keys
+    z = jnp.tensordot(weights.astype(jnp.float32), payloads.data, axes=1)
+    return layout.unraveler(like)(
+        _fastfood.fastfood_project(fastfood(layout.num_params(like)), z))
+
+  return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn)
+
+
 def intrinsic_downlink_bits(variant: str, d: int, num_params: int, *,
                             num_subspaces: int = 1) -> int:
   """Per-client, per-round downlink bits of an IGC variant (spec IGC 2.4, float32 values).
 
   'static': `32 d` (the server broadcasts `z_t`); 'k_subspace': `32 min(K d, D)` (all `z_k`,
   or the dense model when cheaper); 'time_varying': `32 D` (the dense model). Map seeds
-  cost 0 bits (derived from the round keys both sides know).
+  cost 0 bits (derived from the round keys both sides know). For 'static',
+  `intrinsic_static_downlink` is a compressor that sends exactly these bits.
 
   >>> intrinsic_downlink_bits('k_subspace', 10, 25, num_subspaces=3)
   800
@@ -215,4 +283,4 @@ def subspace_loss(loss_fn: Callable[..., jax.Array], theta_0: Any, d: int,
 
 
 __all__ = ["intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
-           "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]
+           "intrinsic_static_downlink", "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]

@@ -90,6 +90,7 @@ def fwht_kron(x: jax.Array, max_log2: int = KRON_MAX_LOG2) -> jax.Array:
 
 
 METHODS = ("auto", "butterfly", "kron", "pallas")
+PALLAS_MIN_N = 1 << 12
 
 
 def default_method(backend: str | None = None) -> str:
@@ -126,7 +127,7 @@ def fwht(x: jax.Array, *, normalize: bool = False, method: str = "auto") -> jax.
   check_length(n)
   if method == "auto":
     method = default_method()
-    if method == "pallas" and (n < 64 or not jnp.issubdtype(x.dtype, jnp.floating)):
+    if method == "pallas" and (n < PALLAS_MIN_N or not jnp.issubdtype(x.dtype, jnp.floating)):
       method = "butterfly"
   if method == "butterfly":
     y = fwht_butterfly(x)
