@@ -4,6 +4,11 @@ Spec: ALGORITHMS_M22_HSQ_LAQ.md section 1. Pipeline per message (spec 1.4, libra
 global top-k -> per-leaf z-scoring and profile-MLE fit of the shape -> weighted Lloyd-Max
 design of `2^R` levels in closed form (regularised incomplete gamma) -> `R`-bit codes.
 Everything runs under `jit` with fixed iteration counts; no scipy on the hot path.
+
+Departures from the official code (spec 1.2-1.9): `loc` is fixed at 0 after z-scoring and the
+shape is found by bisection on the profile-likelihood score (scipy fits 3 parameters);
+the default design is symmetric around the fitted mean; the Lloyd start is at approximate
+model quantiles; top-k keeps exactly `k` (ties by lowest index) and drops exact zeros.
 """
 
 from __future__ import annotations
@@ -375,7 +380,8 @@ def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
     mu = jax.ops.segment_sum(w * x, seg, s) / jnp.maximum(n, 1.0)
     var = jax.ops.segment_sum(w * (x - mu[seg])**2, seg, s) / jnp.maximum(n, 1.0)
     sd = jnp.sqrt(var)
-    # Fewer than 2 entries or no spread: every kept entry equals mu, sent exactly (spec 1.9).
+    # Fewer than 2 entries or (near-)zero spread: all levels = one kept value, so single and
+    # constant segments are exact. Departs from spec 1.9 (send raw), which needs dynamic shapes.
     degenerate = (n < 2) | (sd <= 1e-30 + 1e-6 * jnp.abs(mu))
     safe_sd = jnp.where(degenerate, 1.0, sd)
     z = (x - mu[seg]) / safe_sd[seg]
