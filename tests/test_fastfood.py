@@ -26,6 +26,18 @@ def _jac_jit(p, z):
 def _jac(p):
   return np.asarray(_jac_jit(p, jnp.zeros(p.d)), np.float64)
 
+def _check_adjoint(d, D, rows):
+  p = ops.fastfood_params(jax.random.key(D), d, D, block_rows=rows)
+  rng = np.random.default_rng(d)
+  both = jax.jit(lambda p, z, y: (jnp.vdot(ops.fastfood_project(p, z), y),
+                                  jnp.vdot(z, ops.fastfood_transpose(p, y))))
+  for _ in range(3):
+    z, y = rng.standard_normal(d), rng.standard_normal(D)
+    lhs, rhs = (float(v) for v in both(p, jnp.asarray(z, jnp.float32),
+                                       jnp.asarray(y, jnp.float32)))
+    # relative to the scale of the terms (|<Vz,y>| can be much smaller than ||z|| ||y||)
+    assert abs(lhs - rhs) <= 1e-6 * np.linalg.norm(z) * np.linalg.norm(y)
+
 
 class FastfoodTest(parameterized.TestCase):
 
@@ -53,20 +65,14 @@ class FastfoodTest(parameterized.TestCase):
     vjp = jax.jit(lambda p, y: jax.vjp(lambda z: ops.fastfood_project(p, z), jnp.zeros(d))[1](y))
     np.testing.assert_allclose(vjp(p, y)[0], ops.fastfood_transpose(p, y), atol=1e-5)
 
-  @parameterized.parameters((16, 1000, None), (300, 20000, 4096),
-                            (64, 70000, 1 << 14, pytest.mark.slow))
-  def test_adjoint_identity_float32(self, d, D, rows, *marks):
-    del marks
-    p = ops.fastfood_params(jax.random.key(D), d, D, block_rows=rows)
-    rng = np.random.default_rng(d)
-    both = jax.jit(lambda p, z, y: (jnp.vdot(ops.fastfood_project(p, z), y),
-                                    jnp.vdot(z, ops.fastfood_transpose(p, y))))
-    for _ in range(3):
-      z, y = rng.standard_normal(d), rng.standard_normal(D)
-      lhs, rhs = (float(v) for v in both(p, jnp.asarray(z, jnp.float32),
-                                         jnp.asarray(y, jnp.float32)))
-      # relative to the scale of the terms (|<Vz,y>| can be much smaller than ||z|| ||y||)
-      assert abs(lhs - rhs) <= 1e-6 * np.linalg.norm(z) * np.linalg.norm(y)
+  @parameterized.parameters((16, 1000, None), (300, 20000, 4096))
+  def test_adjoint_identity_float32(self, d, D, rows):
+    _check_adjoint(d, D, rows)
+
+  @pytest.mark.slow
+  def test_adjoint_identity_float32_large(self):
+    _check_adjoint(64, 70000, 1 << 14)
+    _check_adjoint(1000, 70000, None)
 
   def test_unit_columns_when_D_is_power_of_two(self):
     for d, D in [(40, 256)]:
