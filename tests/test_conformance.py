@@ -2,6 +2,12 @@
 
 Families only add `Entry`s to the registry; these checks pick them up. Jitted wrappers are
 cached per entry (`testing.harness`), so each entry compiles a handful of small programs.
+
+Cost control: every entry gets, by default, the checks built on its one jitted round trip
+(bits == bytes, wire round trip, decode from bytes, avals with a bf16 leaf, state
+stability, max bits, zero and NaN inputs, unbiasedness, losslessness). The checks that
+compile or run a program of their own (eager == jit, vmap == loop, aggregate, optax + grad)
+run by default on `SAMPLE`, a cross-family sample, and on every entry with `-m slow`.
 """
 
 import chex
@@ -15,32 +21,58 @@ from fedjax_compress._src.base import stateless_init
 from fedjax_compress.testing import REGISTRY, harness
 
 
-def _params(entries):
-  return [pytest.param(e, id=e.name) for e in entries]
+SAMPLE = ("identity", "random_k_shared", "qsgd", "ef_top_k", "count_sketch_1row",
+          "ef_power_sgd", "lbgm_top_k", "laq", "igc_static", "hsq")
+
+
+def _params(entries, sample_only=False):
+  return [pytest.param(e, id=e.name, marks=(
+      [pytest.mark.slow] if sample_only and e.name not in SAMPLE else [])) for e in entries]
 
 
 ALL = _params(REGISTRY)
+HEAVY = _params(REGISTRY, sample_only=True)
 UNBIASED = _params([e for e in REGISTRY if e.unbiased])
 LOSSLESS = _params([e for e in REGISTRY if e.lossless])
 BOUNDED = _params([e for e in REGISTRY if e.max_bits_fraction is not None])
-AGGREGATING = _params([e for e in REGISTRY if e.make().aggregate is not None])
+AGGREGATING = _params([e for e in REGISTRY if e.make().aggregate is not None], True)
 
 
-class CodecVariantsTest(chex.TestCase):
-  """jit == eager, and under both: honest bits, wire round trip, decode from bytes."""
+class CodecJitTest(chex.TestCase):
+  """Jitted: honest bits, wire round trip, decode from the unpacked bytes."""
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True)
   @parameterized.named_parameters((e.name, e.name) for e in REGISTRY)
   def test_codec(self, name):
     testing.check_codec(harness(testing.by_name(name)), transform=self.variant)
 
 
-def test_registry_names_unique():
+class CodecEagerTest(chex.TestCase):
+  """Eager == jit, and the same wire checks on the eager payloads (sample)."""
+
+  @chex.variants(without_jit=True)
+  @parameterized.named_parameters((e.name, e.name) for e in REGISTRY if e.name in SAMPLE)
+  def test_codec(self, name):
+    testing.check_codec(harness(testing.by_name(name)), transform=self.variant)
+
+
+@pytest.mark.slow
+class CodecEagerSlowTest(chex.TestCase):
+  """Eager == jit for the entries outside the sample."""
+
+  @chex.variants(without_jit=True)
+  @parameterized.named_parameters((e.name, e.name) for e in REGISTRY if e.name not in SAMPLE)
+  def test_codec(self, name):
+    testing.check_codec(harness(testing.by_name(name)), transform=self.variant)
+
+
+def test_registry_names_unique_and_sample_registered():
   names = [e.name for e in REGISTRY]
   assert len(names) == len(set(names))
+  assert set(SAMPLE) <= set(names)
 
 
-@pytest.mark.parametrize("entry", ALL)
+@pytest.mark.parametrize("entry", HEAVY)
 def test_vmap_matches_loop(entry):
   testing.check_vmap_matches_loop(harness(entry))
 
@@ -85,7 +117,7 @@ def test_nonfinite_input_raises(entry):
   testing.check_rejects_nonfinite(harness(entry))
 
 
-@pytest.mark.parametrize("entry", ALL)
+@pytest.mark.parametrize("entry", HEAVY)
 def test_optax_transformation_and_grad_under_jit(entry):
   testing.check_optax_transformation(harness(entry))
 
