@@ -10,7 +10,7 @@ import pytest
 from absl.testing import parameterized
 
 import reference_baselines as ref
-from fedjax_compress import Keys, bits, compressors, error_feedback, wire
+from fedjax_compress import Field, Keys, bits, compressors, error_feedback, wire
 from fedjax_compress._src import layout
 from fedjax_compress.compressors import _sketch
 
@@ -311,3 +311,10 @@ def test_layout_roundtrip_mixed_dtypes():
   assert vec.dtype == jnp.float32 and vec.shape == (8,)
   chex.assert_trees_all_equal(layout.unraveler(tree)(vec), tree)
   assert layout.num_params(tree) == 8
+
+
+def test_bit_accounting_rejects_int32_overflow():
+  big = Field(jax.ShapeDtypeStruct((2**26,), jnp.float32), 32)
+  with pytest.raises(ValueError, match="does not fit int32"):
+    bits.field_bits(big)
+  assert int(bits.field_bits(Field(jax.ShapeDtypeStruct((2**25,), jnp.float32), 32))) == 2**30

@@ -33,9 +33,11 @@ def as_transformation(compressor: Compressor,
                       key: PRNGKey | int) -> optax.GradientTransformationExtraArgs:
   """Use `compressor` as a lossy channel: `update` returns `decode(encode(updates))`.
 
-  The key lives in the state (raw `key_data`, so the state serializes) and is split on
-  every update; an extra argument `key=` overrides it. `state.last_bits` holds the exact
-  bits of the last message. Chain it before an optimizer:
+  The key lives in the state (raw `key_data`, so the state serializes). Each update
+  splits it as `carry, shared, private = jax.random.split(key, 3)`, uses
+  `Keys(shared, private)` for the message and keeps `carry`; an extra argument `key=`
+  replaces the state's key for that update. `state.last_bits` holds the exact bits of
+  the last message. Chain it before an optimizer:
   `optax.chain(as_transformation(qsgd(4), 0), optax.sgd(0.1))`.
   """
   key0 = as_key(key)
@@ -85,7 +87,9 @@ def compressed_mean(compressor: Compressor, key: PRNGKey | int, *,
   """An optax `Aggregator`: per-worker updates `[W, ...]` -> mean of their decoded messages.
 
   Each worker keeps its own sender (and the server its receiver) state, so stateful
-  compressors such as `error_feedback(top_k(...))` work. Plugs into
+  compressors such as `error_feedback(top_k(...))` work. Keys per update:
+  `carry, shared, private = split(key, 3)`; worker `i` uses
+  `Keys(shared, split(private, num_workers)[i])`. Plugs into
   `optax.experimental.aggregating.process(pre, compressed_mean(c, 0, num_workers=8), opt)`.
   """
   num_workers = checks.check_positive_int(num_workers, "num_workers")

@@ -59,7 +59,7 @@ def field_bits(field: Field, batch_dims: int = 0) -> jax.Array:
   if size * field.width + length_bits(size) >= _INT32_LIMIT:
     raise ValueError(
         f"a field of {size} elements x {field.width} bits does not fit int32 "
-        "bit accounting; split it with fedjax_compress.combinators.blockwise")
+        "bit accounting; split it into several smaller fields (e.g. blocks)")
   batch_shape = np.shape(field.data)[:batch_dims]
   if field.count is None:
     return jnp.full(batch_shape, size * field.width, jnp.int32)
