@@ -117,6 +117,44 @@ class FastfoodTest(parameterized.TestCase):
       assert abs(a / (d / D) - 1) < 0.05, a
       assert np.linalg.norm(mu - a * g) < 0.35 * np.linalg.norm(a * g)
 
+  def test_feistel_permutation_is_a_keyed_bijection(self):
+    for log2n in (0, 1, 2, 5, 12, 17):
+      n = 1 << log2n
+      p = np.asarray(jax.jit(ops.feistel_permutation, static_argnums=1)(jax.random.key(n), n))
+      np.testing.assert_array_equal(np.sort(p), np.arange(n))
+    a, b = (np.asarray(ops.feistel_permutation(jax.random.key(k), 4096)) for k in (0, 1))
+    assert np.mean(a == b) < 0.01 and np.mean(a == np.arange(4096)) < 0.01
+    # roughly uniform displacement: |p(i) - i| / n has mean ~1/3 for a random permutation
+    assert abs(np.mean(np.abs(a - np.arange(4096))) / 4096 - 1 / 3) < 0.02
+
+  @parameterized.parameters((8, 50, None), (64, 1025, None), (100, 5000, 1024))
+  def test_feistel_map(self, d, D, rows):
+    p = ops.fastfood_params(jax.random.key(d), d, D, block_rows=rows, permutation="feistel")
+    v = _jac(p)
+    if D <= 64:
+      np.testing.assert_allclose(v, _dense(p), atol=2e-6)
+    else:
+      gram = v.T @ v
+      norms = np.diag(gram)
+      assert norms.min() >= 0.9 and norms.max() <= 1.1, (norms.min(), norms.max())
+      assert np.abs(gram - np.diag(norms)).max() <= 6 / np.sqrt(D)
+    _check_adjoint(d, D, rows)
+
+  def test_feistel_statistics(self):
+    d, D, m = 32, 500, 400
+    g = jnp.asarray(np.random.default_rng(0).standard_normal(D), jnp.float32)
+
+    def vvt(key):
+      p = ops.fastfood_params(key, d, D, permutation="feistel")
+      return ops.fastfood_project(p, ops.fastfood_transpose(p, g))
+
+    mu = np.asarray(jax.jit(jax.vmap(vvt))(jax.random.split(jax.random.key(1), m)).mean(0),
+                    np.float64)
+    gg = np.asarray(g, np.float64)
+    a = mu @ gg / (gg @ gg)
+    assert abs(a / (d / D) - 1) < 0.05, a
+    assert np.linalg.norm(mu - a * gg) < 0.35 * np.linalg.norm(a * gg)
+
   def test_determinism_and_key_dependence(self):
     d, D = 10, 300
     z = jnp.asarray(np.random.default_rng(0).standard_normal(d), jnp.float32)
@@ -150,6 +188,8 @@ class FastfoodTest(parameterized.TestCase):
       ops.fastfood_params(0, 2, 10, block_rows=0)
     with self.assertRaisesRegex(ValueError, "method"):
       ops.fastfood_params(0, 2, 10, method="fft")
+    with self.assertRaisesRegex(ValueError, "permutation"):
+      ops.fastfood_params(0, 2, 10, permutation="sort")
     p = ops.fastfood_params(0, 4, 10)
     assert ops.fastfood_params(0, 10, 10).d == 10  # d = D allowed
     with self.assertRaisesRegex(ValueError, "shape"):

@@ -54,6 +54,18 @@ class IgcTest(parameterized.TestCase):
                                atol=1e-5)
     assert payload.width == 32 and payload.data.shape == (d,)
 
+  def test_feistel_permutation_option(self):
+    d, g = 5, _tree(12)
+    c = C.intrinsic_time_varying(d, permutation="feistel")
+    keys = _keys(1)
+    v = _dense(jax.random.fold_in(keys.shared, 0), d, permutation="feistel")
+    payload, out, _ = _roundtrip(c, g, keys)
+    np.testing.assert_allclose(payload.data, v.T @ np.asarray(layout.ravel(g)), atol=1e-5)
+    np.testing.assert_allclose(layout.ravel(out), v @ np.asarray(payload.data, np.float64),
+                               atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "permutation"):
+      C.intrinsic_static(d, permutation="sorted")
+
   def test_time_varying_uses_round_shared_key(self):
     d = 6
     c = C.intrinsic_time_varying(d)

@@ -52,12 +52,11 @@ _Select = Callable[[Keys, Any], tuple[jax.Array, Any]]
 
 
 def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool,
-         block_rows: int | None, gaussian: bool, method: str) -> Compressor:
+         map_kw: dict) -> Compressor:
   """Compressor `c = V^T ravel(g)` / `ravel(g) = V c` with the map chosen by `select`."""
 
   def fastfood(key, num):
-    return _fastfood.fastfood_params(key, d, num, block_rows=block_rows, gaussian=gaussian,
-                                     method=method)
+    return _fastfood.fastfood_params(key, d, num, **map_kw)
 
   def init_fn(params):
     _fastfood.check_dims(d, layout.num_params(params))
@@ -85,23 +84,30 @@ def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool
   return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn if stateless else None)
 
 
-def _check_common(d, block_rows, method) -> int:
+def _check_common(d, block_rows, gaussian, method, permutation) -> tuple[int, dict]:
+  """Validate the factory arguments; return `d` and the Fastfood map options."""
   d = checks.check_positive_int(d, "d (intrinsic dimension)")
   if block_rows is not None:
     checks.check_positive_int(block_rows, "block_rows")
   if method not in ("auto", "butterfly", "kron", "pallas"):
     raise ValueError(f"method must be 'auto', 'butterfly', 'kron' or 'pallas', got {method!r}")
-  return d
+  if permutation not in _fastfood.PERMUTATIONS:
+    raise ValueError(f"permutation must be one of {_fastfood.PERMUTATIONS}, got {permutation!r}")
+  return d, dict(block_rows=block_rows, gaussian=bool(gaussian), method=method,
+                 permutation=permutation)
 
 
 def intrinsic_static(d: int, *, seed: int | jax.Array = 0, block_rows: int | None = None,
-                     gaussian: bool = True, method: str = "auto") -> Compressor:
+                     gaussian: bool = True, method: str = "auto",
+                     permutation: str = "uniform") -> Compressor:
   """Static-subspace IGC: upload `c = V^T g`, decode `V c`, one fixed map `V` from `seed`.
 
   `V = fastfood(fold_in(seed, 0), d, D)` over the raveled update (`D` parameters, `d <= D`,
   checked when shapes are known). Bits up: `32 d` per message; down: `32 d` (the server
   sends `z_t`; `intrinsic_downlink_bits('static', ...)`). `block_rows` selects the blocked
-  map (spec IGC 1.3), `gaussian=False` sets `G := 1` (test map), `method` the FWHT path.
+  map (spec IGC 1.3), `gaussian=False` sets `G := 1` (test map), `method` the FWHT path,
+  `permutation='feistel'` a sort-free permutation (much cheaper to regenerate for large D;
+  see `ops.fastfood_params`). The same options apply to every IGC factory.
   Equivalent to SGD on `z` in `theta = theta_0 + V z` (see `subspace_reparam`).
 
   >>> import jax, jax.numpy as jnp
@@ -112,15 +118,15 @@ def intrinsic_static(d: int, *, seed: int | jax.Array = 0, block_rows: int | Non
   >>> int(bits.count(p))
   128
   """
-  d = _check_common(d, block_rows, method)
+  d, map_kw = _check_common(d, block_rows, gaussian, method, permutation)
   key = jax.random.fold_in(as_key(seed), 0)
-  return _igc(d, lambda keys, state: (key, state), EmptyState, True, block_rows, gaussian,
-              method)
+  return _igc(d, lambda keys, state: (key, state), EmptyState, True, map_kw)
 
 
 def intrinsic_k_subspace(d: int, num_subspaces: int, *, seed: int | jax.Array = 0,
                          schedule: str = "random", block_rows: int | None = None,
-                         gaussian: bool = True, method: str = "auto") -> Compressor:
+                         gaussian: bool = True, method: str = "auto",
+                         permutation: str = "uniform") -> Compressor:
   """K-subspace IGC: `K` fixed maps `V_k = fastfood(fold_in(seed, k))`, one used per round.
 
   Round `t` uploads `c = V_{k_t}^T g` (`32 d` bits); the server updates block `z_{k_t}` of
@@ -130,7 +136,7 @@ def intrinsic_k_subspace(d: int, num_subspaces: int, *, seed: int | jax.Array = 
   Down: `32 min(K d, D)` bits (`intrinsic_downlink_bits('k_subspace', ...)`). `K = 1` is
   `intrinsic_static` with the same seed.
   """
-  d = _check_common(d, block_rows, method)
+  d, map_kw = _check_common(d, block_rows, gaussian, method, permutation)
   k = checks.check_positive_int(num_subspaces, "num_subspaces")
   if schedule not in ("random", "cyclic"):
     raise ValueError(f"schedule must be 'random' or 'cyclic', got {schedule!r}")
@@ -139,18 +145,17 @@ def intrinsic_k_subspace(d: int, num_subspaces: int, *, seed: int | jax.Array = 
     def select(keys, state):
       idx = jax.random.randint(jax.random.fold_in(keys.shared, _SUBSPACE_DRAW), (), 0, k)
       return jax.random.fold_in(base, idx), state
-    return _igc(d, select, EmptyState, True, block_rows, gaussian, method)
+    return _igc(d, select, EmptyState, True, map_kw)
 
   def select_cyclic(keys, state):
     del keys
     return jax.random.fold_in(base, state.step % k), IgcState(state.step + 1)
 
-  return _igc(d, select_cyclic, lambda: IgcState(jnp.zeros((), jnp.int32)), False,
-              block_rows, gaussian, method)
+  return _igc(d, select_cyclic, lambda: IgcState(jnp.zeros((), jnp.int32)), False, map_kw)
 
 
 def intrinsic_time_varying(d: int, *, block_rows: int | None = None, gaussian: bool = True,
-                           method: str = "auto") -> Compressor:
+                           method: str = "auto", permutation: str = "uniform") -> Compressor:
   """Time-varying IGC: a fresh map `V_t = fastfood(fold_in(keys.shared, 0))` every message.
 
   Upload `c = V_t^T g` (`32 d` bits), decode `V_t c`; the server keeps the full model.
@@ -158,14 +163,15 @@ def intrinsic_time_varying(d: int, *, block_rows: int | None = None, gaussian: b
   `intrinsic_downlink_bits('time_varying', ...)`). With a constant `keys.shared = seed`
   it equals `intrinsic_static(d, seed=seed)`.
   """
-  d = _check_common(d, block_rows, method)
+  d, map_kw = _check_common(d, block_rows, gaussian, method, permutation)
   return _igc(d, lambda keys, state: (jax.random.fold_in(keys.shared, 0), state), EmptyState,
-              True, block_rows, gaussian, method)
+              True, map_kw)
 
 
 def intrinsic_static_downlink(d: int, *, seed: int | jax.Array = 0, cg_iters: int = 32,
                               block_rows: int | None = None, gaussian: bool = True,
-                              method: str = "auto") -> Compressor:
+                              method: str = "auto",
+                              permutation: str = "uniform") -> Compressor:
   """Server -> client channel of static IGC: send the subspace coordinates, `32 d` bits.
 
   `encode(delta)` sends `z* = argmin_z ||V z - delta||` (the same `V` as
@@ -176,13 +182,12 @@ def intrinsic_static_downlink(d: int, *, seed: int | jax.Array = 0, cg_iters: in
   rounding): the spec's `32 d` download. Other inputs get their orthogonal projection onto
   `range(V)`. As `d -> D`, `V^T V` gets ill-conditioned and more steps may be needed.
   """
-  d = _check_common(d, block_rows, method)
+  d, map_kw = _check_common(d, block_rows, gaussian, method, permutation)
   iters = checks.check_positive_int(cg_iters, "cg_iters")
   key = jax.random.fold_in(as_key(seed), 0)
 
   def fastfood(num):
-    return _fastfood.fastfood_params(key, d, num, block_rows=block_rows, gaussian=gaussian,
-                                     method=method)
+    return _fastfood.fastfood_params(key, d, num, **map_kw)
 
   def init_fn(params):
     _fastfood.check_dims(d, layout.num_params(params))
@@ -254,13 +259,14 @@ def intrinsic_downlink_bits(variant: str, d: int, num_params: int, *,
 
 def subspace_reparam(theta_0: Any, d: int, *, seed: int | jax.Array = 0,
                      block_rows: int | None = None, gaussian: bool = True,
-                     method: str = "auto") -> Callable[[jax.Array], Any]:
+                     method: str = "auto",
+                     permutation: str = "uniform") -> Callable[[jax.Array], Any]:
   """`z -> theta_0 + V z` (unraveled to `theta_0`'s structure/dtypes), spec IGC 2.1/2.2.
 
   Uses the same map as `intrinsic_static(d, seed=seed, ...)`, so SGD on `z` with
   `loss(theta_0 + V z)` (gradient `V^T grad loss`) is static IGC. `z` starts at zeros(d).
   """
-  d = _check_common(d, block_rows, method)
+  d, map_kw = _check_common(d, block_rows, gaussian, method, permutation)
   num = layout.num_params(theta_0)
   _fastfood.check_dims(d, num)
   key = jax.random.fold_in(as_key(seed), 0)
@@ -268,8 +274,7 @@ def subspace_reparam(theta_0: Any, d: int, *, seed: int | jax.Array = 0,
   unravel = layout.unraveler(theta_0)
 
   def theta(z: jax.Array) -> Any:
-    p = _fastfood.fastfood_params(key, d, num, block_rows=block_rows, gaussian=gaussian,
-                                  method=method)
+    p = _fastfood.fastfood_params(key, d, num, **map_kw)
     return unravel(flat0 + _fastfood.fastfood_project(p, z))
 
   return theta

@@ -67,8 +67,43 @@ def check_dims(d: int, D: int) -> tuple[int, int]:  # pylint: disable=invalid-na
   return d, D
 
 
+_FEISTEL_ROUNDS = 6
+PERMUTATIONS = ("uniform", "feistel")
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A 32-bit integer hash (xorshift-multiply finalizer), elementwise on uint32."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def feistel_permutation(key, n: int) -> jax.Array:
+  """Pseudo-random permutation of `0..n-1` (`n` a power of two) without sorting, O(n).
+
+  Index bits are split in two halves `(a, b)` and `6` keyed Feistel rounds
+  `(a, b) -> (b, a XOR hash(b XOR k_r) mod 2^|a|)` are applied; every round is a bijection,
+  so the result is a permutation (pseudo-random, not uniform over all `n!`). ~1 memory pass
+  instead of the several sorts of `jax.random.permutation`.
+  """
+  log2n = _hadamard.check_length(n)
+  if log2n < 2:
+    return jax.random.permutation(key, n).astype(jnp.int32)
+  round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+  i = jnp.arange(n, dtype=jnp.uint32)
+  wa, wb = log2n - log2n // 2, log2n // 2        # bit widths of (a, b)
+  a, b = i >> wb, i & jnp.uint32((1 << wb) - 1)
+  for r in range(_FEISTEL_ROUNDS):
+    f = _mix32(b ^ round_keys[r]) & jnp.uint32((1 << wa) - 1)
+    a, b, wa, wb = b, a ^ f, wb, wa
+  return ((a << wb) | b).astype(jnp.int32)
+
+
 def fastfood_params(key, d: int, D: int, *, block_rows: int | None = None,  # pylint: disable=invalid-name
-                    gaussian: bool = True, method: str = "auto") -> FastfoodParams:
+                    gaussian: bool = True, method: str = "auto",
+                    permutation: str = "uniform") -> FastfoodParams:
   """Regenerate the Fastfood factors of `V: R^d -> R^D` from `key` (works inside `jit`).
 
   Args:
@@ -77,6 +112,9 @@ def fastfood_params(key, d: int, D: int, *, block_rows: int | None = None,  # py
     block_rows: rows per block `D_b` (None: one global block, the spec's exact map).
     gaussian: if False, `G := 1` (then `V` is orthogonal when `d = D = L`; a test map).
     method: FWHT method used by project/transpose (see `fwht`).
+    permutation: 'uniform' (`jax.random.permutation`, the spec's uniform `Pi`; sort-based,
+      the dominant cost of regenerating a large map) or 'feistel' (`feistel_permutation`:
+      pseudo-random, O(L), much cheaper to regenerate every round).
 
   >>> p = fastfood_params(0, 3, 5)
   >>> (p.num_blocks, p.L, p.d, p.D)
@@ -85,6 +123,8 @@ def fastfood_params(key, d: int, D: int, *, block_rows: int | None = None,  # py
   d, D = check_dims(d, D)  # pylint: disable=invalid-name
   if method not in _hadamard.METHODS:
     raise ValueError(f"method must be one of {_hadamard.METHODS}, got {method!r}")
+  if permutation not in PERMUTATIONS:
+    raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
   rows = D if block_rows is None else checks.check_positive_int(block_rows, "block_rows")
   rows = min(rows, D)
   nb = -(-D // rows)
@@ -94,7 +134,8 @@ def fastfood_params(key, d: int, D: int, *, block_rows: int | None = None,  # py
   def one_block(b):
     kb, kp, kg = jax.random.split(jax.random.fold_in(key, b), 3)
     signs = jax.random.rademacher(kb, (L,), jnp.float32)
-    perm = jax.random.permutation(kp, L).astype(jnp.int32)
+    perm = (jax.random.permutation(kp, L).astype(jnp.int32) if permutation == "uniform"
+            else feistel_permutation(kp, L))
     gauss = (jax.random.normal(kg, (L,), jnp.float32) if gaussian
              else jnp.ones((L,), jnp.float32))
     return signs, perm, gauss
