@@ -37,6 +37,7 @@ def plain_butterfly(x: jax.Array) -> jax.Array:
 
 
 def _time(fn, arg, reps: int) -> float:
+  """Median wall time of `fn(arg)` over `reps` calls after one warm-up call."""
   jax.block_until_ready(fn(arg))
   out = []
   for _ in range(reps):
@@ -68,6 +69,8 @@ def main() -> None:
   parser.add_argument("--log2n", default="20,24")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--methods", default="auto,butterfly,kron,pallas")
+  parser.add_argument("--fastfood_d", type=int, default=1024,
+                      help="also time IGC's V^T g at D = n (0: skip)")
   args = parser.parse_args()
   backend = jax.default_backend()
   print(f"backend={backend} devices={jax.devices()} default_method={ops.default_method()}")
@@ -101,6 +104,22 @@ def main() -> None:
       ratios = f"vs_plain {t / base:.2f}x  vs_mempass {t / mem:.1f}x" + "".join(
           f"  vs_{name} {t / te:.2f}x" for name, te in ext.items())
       print(f"  {method:9s} {t * 1e3:9.3f} ms   {ratios}")
+    if args.fastfood_d:
+      d = args.fastfood_d
+      fwht_t = _time(jax.jit(ops.fwht), x, args.reps)
+      p = jax.jit(lambda k: ops.fastfood_params(k, d, n))(jax.random.key(1))
+      t_fixed = _time(jax.jit(lambda y: ops.fastfood_transpose(p, y)), x, args.reps)
+      t_regen = _time(jax.jit(lambda y: ops.fastfood_transpose(
+          ops.fastfood_params(jax.random.key(1), d, n), y)), x, args.reps)
+      t_block = _time(jax.jit(lambda y: ops.fastfood_transpose(
+          ops.fastfood_params(jax.random.key(1), d, n, block_rows=1 << 16), y)), x, args.reps)
+      t_feistel = _time(jax.jit(lambda y: ops.fastfood_transpose(
+          ops.fastfood_params(jax.random.key(1), d, n, permutation="feistel"), y)), x, args.reps)
+      print(f"  fastfood V^T g (d={d}, D=2^{k}): factors kept {t_fixed * 1e3:.2f} ms "
+            f"({t_fixed / fwht_t:.1f}x one fwht); regenerated from the key: uniform perm "
+            f"{t_regen * 1e3:.2f} ms ({t_regen / fwht_t:.1f}x), blocked 2^16 rows "
+            f"{t_block * 1e3:.2f} ms ({t_block / fwht_t:.1f}x), feistel perm "
+            f"{t_feistel * 1e3:.2f} ms ({t_feistel / fwht_t:.1f}x)")
 
 
 if __name__ == "__main__":
