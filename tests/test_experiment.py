@@ -84,6 +84,10 @@ def test_outputs_and_exact_bit_totals(tmp_path):
     cum += r["up_bits"] + r["down_bits"]
     assert r["cum_bits"] == cum and isinstance(r["cum_bits"], int)
     assert 0.0 <= r["accuracy"] <= 1.0
+  # per-bit accuracy (acc_t - acc_0) / cum_up_t: every row implies the same initial accuracy
+  acc0 = [r["accuracy"] - r["per_bit_accuracy"] * r["cum_up_bits"] for r in rows]
+  np.testing.assert_allclose(acc0, acc0[0], atol=1e-9)
+  assert 0.0 <= acc0[0] <= 1.0
 
 
 def test_compressor_table():

@@ -1,7 +1,8 @@
 """`run_experiment(config, workdir)`: a resumable federated training run driven by a config.
 
 Writes `<workdir>/config.json`, `metrics.jsonl` (one row per round: round, loss, accuracy,
-test_loss, up_bits, down_bits, cumulative bits as Python ints, clients, nonfinite),
+test_loss, up_bits, down_bits, cumulative bits as Python ints, clients, nonfinite, and
+M22's per-bit accuracy `(acc_t - acc_0) / cum_up_bits_t` on evaluated rounds),
 `accuracy_vs_bits.png` and orbax checkpoints under `ckpt/`. On restart it restores the latest
 checkpoint, drops metric rows after it and recomputes them; since cohorts and keys are pure
 functions of `(seed, round)` the resumed run is bit-identical to an uninterrupted one. A
@@ -26,6 +27,7 @@ from experiments.common.plotting import plot_accuracy_vs_bits
 from fedjax_compress import data as fdata
 from fedjax_compress import federated, models
 from fedjax_compress._src.base import Compressor
+from fedjax_compress.compressors import per_bit_accuracy
 
 
 def _plain(x: Any) -> Any:
@@ -112,6 +114,9 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
   cum_up = rows[-1]["cum_up_bits"] if rows else 0
   cum_down = rows[-1]["cum_down_bits"] if rows else 0
   seed_key = jax.random.key(config.seed)
+  # Accuracy of the initial model (deterministic from the seed, so identical on resume):
+  # the reference of M22's per-bit accuracy `(acc_t - acc_0) / cum_up_bits_t`.
+  acc0 = models.evaluate(exp.model, exp.state.params, exp.data.test)["accuracy"]
   bar = tqdm.tqdm(total=config.rounds, initial=start, disable=not progress, desc="rounds")
   r = start
   try:
@@ -133,10 +138,12 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
              "cum_down_bits": cum_down, "cum_bits": cum_up + cum_down,
              "clients": int((weight > 0).sum()),
              "nonfinite": int(((weight > 0) & ~np.asarray(m.finite)).sum()),
-             "accuracy": None, "test_loss": None}
+             "accuracy": None, "test_loss": None, "per_bit_accuracy": None}
       if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
         ev = models.evaluate(exp.model, new_state.params, exp.data.test)
         row["accuracy"], row["test_loss"] = ev["accuracy"], ev["loss"]
+        row["per_bit_accuracy"] = float(per_bit_accuracy(
+            [ev["accuracy"]], [cum_up], acc0).final)
       writer.write(row)
       rows.append(row)
       state = new_state  # committed: state.round == r + 1 == rows[-1]['round']

@@ -44,4 +44,4 @@ def identity() -> Compressor:
   return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
 
 
-__all__ = ["identity", "EmptyState"]
+__all__ = ["identity"]
