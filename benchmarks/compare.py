@@ -1,0 +1,287 @@
+"""Side-by-side comparison of every compressor family on one federated task (issue 7).
+
+Each method runs through `experiments.common.runner.run_experiment` with the same dataset,
+model, rounds, cohort and seed (a method may override fields it needs, e.g. LAQ's full
+participation; the `note` column says so). Writes to `--out`:
+
+* `results.csv` / `results.md`: final / best test accuracy, total uplink and downlink bits
+  (sums of the per-round metric rows), uplink compression ratio vs `identity` measured in
+  the same run, accuracy at a common uplink budget (the smallest total uplink among the
+  methods: the last evaluated round whose cumulative uplink fits), and encode+decode wall
+  time per round of a jitted, vmapped round trip on one cohort of random updates (median of
+  `--time-reps`), with its ratio to identity's time.
+* `accuracy_vs_uplink.png`, `accuracy_vs_downlink.png`, and one run directory per method.
+
+  PYTHONPATH=. python benchmarks/compare.py --out results/compare
+  PYTHONPATH=. python benchmarks/compare.py --methods identity,top_k_ef,qsgd --rounds 3
+  PYTHONPATH=. python benchmarks/compare.py --dataset emnist   # needs the `data` extra
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import time
+import traceback
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.common import runner  # noqa: E402
+from experiments.configs import quickstart  # noqa: E402
+from fedjax_compress import models  # noqa: E402
+from fedjax_compress._src.base import Keys  # noqa: E402
+
+
+class Method(NamedTuple):
+  """One row of the comparison: an uplink compressor and optional config overrides."""
+
+  label: str
+  compressor: str
+  kwargs: dict
+  ef: bool = False
+  downlink: str = ""
+  downlink_kwargs: dict = {}
+  overrides: dict = {}
+  note: str = ""
+
+
+def default_methods(num_clients: int) -> list[Method]:
+  """The default families (about a dozen), configured for a ~600-parameter logistic model."""
+  laq_over = dict(cohort_size=num_clients, local_steps=1, client_lr=1.0, server_lr=0.5,
+                  batch_size=-1)
+  return [
+      Method("identity", "identity", {}),
+      Method("top_k_ef", "top_k", {"fraction": 0.1}, ef=True, note="10% + EF"),
+      Method("random_k", "random_k", {"fraction": 0.25}, note="25%, unbiased"),
+      Method("qsgd", "qsgd", {"levels": 4, "bucket_size": 64}, note="s=4, bucket 64"),
+      Method("sign_sgd_ef", "sign_sgd", {"scaled": True}, ef=True, note="scaled + EF"),
+      Method("count_sketch", "count_sketch", {"rows": 3, "cols": 60, "k": 60},
+             note="3x60, top-60"),
+      Method("power_sgd_ef", "power_sgd", {"rank": 1, "min_compression_rate": 1.0}, ef=True,
+             note="rank 1 + EF"),
+      Method("m22", "m22", {"bits": 2, "top_fraction": 0.6, "min_layer_size": 100,
+                            "lloyd_iters": 20}, note="R=2 gennorm, P=0.6"),
+      Method("hsq", "hsq", {"codebook_size": 256, "chunk": 8}, note="K=256, dc=8, EF"),
+      Method("lbgm", "lbgm", {"inner": {"name": "identity"}, "threshold": 0.2},
+             note="identity inner, delta 0.2"),
+      Method("laq", "laq", {"bits": 4, "step_size": 0.5}, overrides=laq_over,
+             note="b=4; full participation, local_steps=1, full batch, server sgd 0.5"),
+      Method("igc_static", "intrinsic_static", {"d": 64, "seed": 0},
+             downlink="intrinsic_static_downlink", downlink_kwargs={"d": 64, "seed": 0},
+             note="d=64, static downlink"),
+      Method("igc_time_varying", "intrinsic_time_varying", {"d": 64}, note="d=64"),
+  ]
+
+
+def base_config(dataset: str, rounds: int, seed: int) -> Any:
+  """Quickstart config (logistic model) with `rounds`, the dataset and sparse checkpoints."""
+  c = quickstart.get_config()
+  c.rounds, c.seed = rounds, seed
+  c.checkpoint_every = 10**9  # only the final round is checkpointed
+  if dataset != "synthetic":
+    c.dataset = {"name": dataset}
+  return c
+
+
+def method_config(base: Any, m: Method, num_clients: int, max_batch: int) -> Any:
+  """`base` with the method's compressor, downlink and overrides (batch -1: largest client)."""
+  c = copy.deepcopy(base)
+  c.compressor, c.compressor_kwargs, c.error_feedback = m.compressor, dict(m.kwargs), m.ef
+  c.downlink, c.downlink_kwargs = m.downlink, dict(m.downlink_kwargs)
+  for k, v in m.overrides.items():
+    setattr(c, k, v)
+  if c.batch_size == -1:
+    c.batch_size = max_batch
+  c.cohort_size = min(c.cohort_size, num_clients)
+  return c
+
+
+def time_roundtrip(config: Any, reps: int) -> float:
+  """Median seconds of one jitted, vmapped encode+decode of a cohort of random updates."""
+  exp = runner.build_experiment(config)
+  params, comp, n = exp.state.params, exp.uplink, config.cohort_size
+  sender, receiver = comp.init(params)
+  stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + jnp.shape(a)), t)  # noqa: E731
+  key = jax.random.key(config.seed + 7)
+  updates = jax.tree.map(
+      lambda p: 0.01 * jax.random.normal(jax.random.fold_in(key, p.size), (n,) + p.shape,
+                                         p.dtype), params)
+  keys = Keys(jax.random.key(1), jax.random.split(jax.random.key(2), n))
+
+  def one(u, s, r, k):
+    payload, s2 = comp.encode(u, s, k, params)
+    out, r2 = comp.decode(payload, r, k, params)
+    return out, s2, r2
+
+  fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, Keys(None, 0))))
+  args = (updates, stack(sender), stack(receiver), keys)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def acc_at_budget(rows: Sequence[dict], budget: int) -> Optional[float]:
+  """Accuracy of the last evaluated round with cumulative uplink <= `budget` (None if none)."""
+  acc = None
+  for r in rows:
+    if r["cum_up_bits"] > budget:
+      break
+    if r["accuracy"] is not None:
+      acc = r["accuracy"]
+  return acc
+
+
+def summarize(label: str, note: str, rows: Sequence[dict], seconds: float) -> dict:
+  """Per-method totals from its metric rows (bits summed as Python ints)."""
+  accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+  return dict(compressor=label, note=note, rounds=len(rows),
+              final_accuracy=accs[-1] if accs else None,
+              best_accuracy=max(accs) if accs else None,
+              up_bits=sum(int(r["up_bits"]) for r in rows),
+              down_bits=sum(int(r["down_bits"]) for r in rows),
+              run_seconds=round(seconds, 1))
+
+
+def add_relative(table: list[dict], runs: dict[str, list[dict]]) -> None:
+  """Compression ratio, accuracy at the common uplink budget and time ratio vs identity."""
+  ok = [t for t in table if t.get("error") is None]
+  ident = next((t for t in ok if t["compressor"] == "identity"), None)
+  budget = min((t["up_bits"] for t in ok), default=0)
+  for t in table:
+    if t.get("error") is not None:
+      continue
+    t["compression_ratio"] = (ident["up_bits"] / t["up_bits"]
+                              if ident and t["up_bits"] else None)
+    t["budget_bits"] = budget
+    t["acc_at_budget"] = acc_at_budget(runs[t["compressor"]], budget)
+    t["time_ratio"] = (t["codec_seconds"] / ident["codec_seconds"]
+                       if ident and t.get("codec_seconds") and ident.get("codec_seconds")
+                       else None)
+
+
+COLUMNS = ["compressor", "final_accuracy", "best_accuracy", "up_bits", "down_bits",
+           "compression_ratio", "acc_at_budget", "codec_seconds", "time_ratio", "run_seconds",
+           "note", "error"]
+
+
+def _fmt(v: Any) -> str:
+  """Markdown cell text."""
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, int) and abs(v) >= 10**5:
+    return f"{v:.3e}"
+  return str(v)
+
+
+def write_tables(table: list[dict], out: str) -> None:
+  """`results.csv` (exact ints) and `results.md`."""
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS + ["budget_bits", "rounds"], extrasaction="ignore")
+    w.writeheader()
+    for t in table:
+      w.writerow(t)
+  budget = next((t["budget_bits"] for t in table if "budget_bits" in t), None)
+  head = ["compressor", "final acc", "best acc", "uplink bits", "downlink bits",
+          "up ratio vs identity", f"acc @ {_fmt(budget)} up bits", "enc+dec s/round",
+          "time vs identity", "note"]
+  keys = ["compressor", "final_accuracy", "best_accuracy", "up_bits", "down_bits",
+          "compression_ratio", "acc_at_budget", "codec_seconds", "time_ratio", "note"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for t in table:
+    if t.get("error"):
+      lines.append(f"| {t['compressor']} | FAILED: {t['error']} |" + " |" * (len(head) - 2))
+    else:
+      lines.append("| " + " | ".join(_fmt(t.get(k)) for k in keys) + " |")
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot(runs: dict[str, list[dict]], out: str) -> None:
+  """Accuracy vs cumulative uplink and vs cumulative downlink bits (log x), all methods."""
+  for kind, key in (("uplink", "cum_up_bits"), ("downlink", "cum_down_bits")):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in runs.items():
+      pts = [(r[key], r["accuracy"]) for r in rows if r["accuracy"] is not None and r[key] > 0]
+      if pts:
+        ax.plot(*zip(*pts), marker=".", ms=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"cumulative {kind} bits (all clients)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"accuracy_vs_{kind}.png"), dpi=120)
+    plt.close(fig)
+
+
+def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 5,
+            progress: bool = False) -> list[dict]:
+  """Run every method (failures are recorded, not raised); write tables and plots."""
+  os.makedirs(out, exist_ok=True)
+  data = runner.make_dataset(base.dataset)
+  num_clients, max_batch = data.num_clients, int(data.client_sizes().max())
+  table, runs = [], {}
+  for m in methods:
+    cfg = method_config(base, m, num_clients, max_batch)
+    t0 = time.time()
+    try:
+      rows = runner.run_experiment(cfg, os.path.join(out, "runs", m.label), progress=progress)
+      entry = summarize(m.label, m.note, rows, time.time() - t0)
+      entry["codec_seconds"] = time_roundtrip(cfg, time_reps)
+      runs[m.label] = rows
+    except Exception as e:  # pylint: disable=broad-except
+      tb = traceback.format_exc().strip().splitlines()
+      entry = dict(compressor=m.label, note=m.note, error=f"{type(e).__name__}: {e}"[:200])
+      print(f"[{m.label}] FAILED\n" + "\n".join(tb[-8:]), flush=True)
+    table.append(entry)
+    print(json.dumps(entry), flush=True)
+  add_relative(table, runs)
+  write_tables(table, out)
+  plot(runs, out)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(table, f, indent=1)
+  return table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """CLI entry point."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default="results/compare")
+  p.add_argument("--dataset", default="synthetic", help="'synthetic' or a tfds name")
+  p.add_argument("--rounds", type=int, default=30)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--methods", default="", help="comma-separated labels (default: all)")
+  p.add_argument("--time-reps", type=int, default=5)
+  a = p.parse_args(argv)
+  base = base_config(a.dataset, a.rounds, a.seed)
+  data = runner.make_dataset(base.dataset)
+  methods = default_methods(data.num_clients)
+  if a.methods:
+    want = a.methods.split(",")
+    unknown = set(want) - {m.label for m in methods}
+    if unknown:
+      raise SystemExit(f"unknown methods {sorted(unknown)}; have {[m.label for m in methods]}")
+    methods = [m for m in methods if m.label in want]
+  t0 = time.time()
+  run_all(methods, base, a.out, time_reps=a.time_reps)
+  print(open(os.path.join(a.out, "results.md")).read())
+  print(f"total {time.time() - t0:.0f}s; wrote {a.out}")
+
+
+if __name__ == "__main__":
+  main()
