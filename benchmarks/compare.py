@@ -10,7 +10,8 @@ participation; the `note` column says so). Writes to `--out`:
   methods: the last evaluated round whose cumulative uplink fits), and encode+decode wall
   time per round of a jitted, vmapped round trip on one cohort of random updates (median of
   `--time-reps`), with its ratio to identity's time.
-* `accuracy_vs_uplink.png`, `accuracy_vs_downlink.png`, and one run directory per method.
+* `accuracy_vs_uplink.png`, `accuracy_vs_downlink.png`, and one run directory per method
+  (`runs/<label>`, deleted first: every invocation trains from scratch).
 
   PYTHONPATH=. python benchmarks/compare.py --out results/compare
   PYTHONPATH=. python benchmarks/compare.py --methods identity,top_k_ef,qsgd --rounds 3
@@ -24,6 +25,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import time
 import traceback
 from typing import Any, NamedTuple, Optional, Sequence
@@ -55,8 +57,13 @@ class Method(NamedTuple):
   note: str = ""
 
 
-def default_methods(num_clients: int) -> list[Method]:
-  """The default families (about a dozen), configured for a ~600-parameter logistic model."""
+def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[Method]:
+  """The default families (about a dozen), configured for a ~600-parameter logistic model.
+
+  With `num_params` (D), the IGC rows use server lr `D/d`: `V V^T g` keeps ~`d/D` of `g`.
+  """
+  igc_over = {"server_lr": num_params / 64} if num_params else {}
+  igc_note = f", server lr D/d={num_params / 64:.3g}" if num_params else ""
   laq_over = dict(cohort_size=num_clients, local_steps=1, client_lr=1.0, server_lr=0.5,
                   batch_size=-1)
   return [
@@ -78,9 +85,17 @@ def default_methods(num_clients: int) -> list[Method]:
              note="b=4; full participation, local_steps=1, full batch, server sgd 0.5"),
       Method("igc_static", "intrinsic_static", {"d": 64, "seed": 0},
              downlink="intrinsic_static_downlink", downlink_kwargs={"d": 64, "seed": 0},
-             note="d=64, static downlink"),
-      Method("igc_time_varying", "intrinsic_time_varying", {"d": 64}, note="d=64"),
+             overrides=igc_over, note="d=64, static downlink" + igc_note),
+      Method("igc_time_varying", "intrinsic_time_varying", {"d": 64}, overrides=igc_over,
+             note="d=64" + igc_note),
   ]
+
+
+def num_params(config: Any, data: Any) -> int:
+  """Parameter count D of `config`'s model on `data`."""
+  model = models.create(config.model.name, data.num_classes, **dict(config.model.kwargs))
+  params = models.init_params(model, data.clients[0]["x"][:1])
+  return int(sum(np.size(p) for p in jax.tree.leaves(params)))
 
 
 def base_config(dataset: str, rounds: int, seed: int) -> Any:
@@ -239,8 +254,10 @@ def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 
   for m in methods:
     cfg = method_config(base, m, num_clients, max_batch)
     t0 = time.time()
+    run_dir = os.path.join(out, "runs", m.label)
+    shutil.rmtree(run_dir, ignore_errors=True)  # fresh run: never resume a stale checkpoint
     try:
-      rows = runner.run_experiment(cfg, os.path.join(out, "runs", m.label), progress=progress)
+      rows = runner.run_experiment(cfg, run_dir, progress=progress)
       entry = summarize(m.label, m.note, rows, time.time() - t0)
       entry["codec_seconds"] = time_roundtrip(cfg, time_reps)
       runs[m.label] = rows
@@ -270,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   a = p.parse_args(argv)
   base = base_config(a.dataset, a.rounds, a.seed)
   data = runner.make_dataset(base.dataset)
-  methods = default_methods(data.num_clients)
+  methods = default_methods(data.num_clients, num_params(base, data))
   if a.methods:
     want = a.methods.split(",")
     unknown = set(want) - {m.label for m in methods}

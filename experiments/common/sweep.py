@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -61,9 +62,10 @@ def run_variants(base: Any, variants: Sequence[Variant], workdir: str
   out, runs = [], {}
   for v in variants:
     t0 = time.time()
+    run_dir = os.path.join(workdir, "runs", v.label)
+    shutil.rmtree(run_dir, ignore_errors=True)  # fresh run: never resume a stale checkpoint
     try:
-      rows = runner.run_experiment(configure(base, v), os.path.join(workdir, "runs", v.label),
-                                   progress=False)
+      rows = runner.run_experiment(configure(base, v), run_dir, progress=False)
       runs[v.label] = rows
       s = summarize(v.label, rows, time.time() - t0)
     except Exception as e:  # pylint: disable=broad-except
