@@ -56,6 +56,30 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
   assert int(ref_state.round) == 6
 
 
+def test_resume_with_zero_size_state_leaves(tmp_path):
+  # PowerSGD keeps zero-size placeholders for 1-D leaves; checkpoints must still round-trip.
+  cfg = small_config(compressor="power_sgd", compressor_kwargs={"rank": 1}, rounds=4)
+  ref_rows = run_experiment(cfg, str(tmp_path / "ref"), progress=False)
+
+  def crash(r, row):
+    if r == 3:
+      raise RuntimeError("simulated crash")
+  with pytest.raises(RuntimeError, match="simulated"):
+    run_experiment(cfg, str(tmp_path / "int"), progress=False, callback=crash)
+  assert run_experiment(cfg, str(tmp_path / "int"), progress=False) == ref_rows
+  assert (params_bytes(final_state(cfg, str(tmp_path / "int")))
+          == params_bytes(final_state(cfg, str(tmp_path / "ref"))))
+
+
+def test_changed_config_does_not_resume_silently(tmp_path):
+  cfg = small_config(rounds=2)
+  run_experiment(cfg, str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match="different config"):
+    run_experiment(small_config(rounds=2, client_lr=0.5), str(tmp_path), progress=False)
+  rows = run_experiment(small_config(rounds=3), str(tmp_path), progress=False)  # extend: ok
+  assert [r["round"] for r in rows] == [1, 2, 3]
+
+
 def test_keyboard_interrupt_saves_last_round(tmp_path):
   cfg = small_config(rounds=4, checkpoint_every=100)
 

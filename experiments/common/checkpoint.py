@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the `ServerState` (resume from the latest step)."""
+"""Orbax checkpoints of the `ServerState` (resume from the latest step).
+
+The state is stored as a flat `{leaf index: array}` dict of its non-empty leaves: orbax
+refuses zero-size arrays, which compressor states legitimately hold (e.g. PowerSGD's
+placeholder for 1-D leaves). Empty leaves carry no data and are rebuilt from the template.
+"""
 
 from __future__ import annotations
 
@@ -26,13 +31,19 @@ class Checkpointer:
     """Save `state` as `step` (no-op if that step exists) and wait until it is on disk."""
     if step in self._mngr.all_steps():
       return
-    self._mngr.save(step, args=ocp.args.StandardSave(state))
+    leaves = jax.tree.leaves(state)
+    self._mngr.save(step, args=ocp.args.StandardSave(
+        {str(i): x for i, x in enumerate(leaves) if x.size}))
     self._mngr.wait_until_finished()
 
   def restore(self, step: int, like: Any) -> Any:
     """Restore `step` into the structure (and shardings) of `like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    leaves, treedef = jax.tree.flatten(like)
+    abstract = {str(i): ocp.utils.to_shape_dtype_struct(x)
+                for i, x in enumerate(leaves) if x.size}
+    saved = self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return jax.tree.unflatten(treedef, [saved[str(i)] if x.size else x
+                                        for i, x in enumerate(leaves)])
 
   def close(self) -> None:
     """Release the manager."""

@@ -99,8 +99,18 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
   raising); the experiment state is only ever checkpointed at completed rounds.
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(_plain(config), f, indent=2, sort_keys=True)
+  config_path = os.path.join(workdir, "config.json")
+  new_cfg = json.loads(json.dumps(_plain(config)))  # normalized as it is stored
+  if os.path.exists(config_path) and os.path.isdir(os.path.join(workdir, "ckpt")):
+    with open(config_path) as f:
+      old_cfg = json.load(f)
+    changed = sorted(k for k in set(old_cfg) | set(new_cfg)
+                     if k != "rounds" and old_cfg.get(k) != new_cfg.get(k))
+    if changed:  # resuming would silently continue a different experiment
+      raise ValueError(f"{workdir} holds a run with a different config (fields {changed}); "
+                       "use a new workdir or delete it (only `rounds` may change on resume)")
+  with open(config_path, "w") as f:
+    json.dump(new_cfg, f, indent=2, sort_keys=True)
   exp = build_experiment(config)
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
