@@ -237,7 +237,8 @@ M22 = [
     for fam, (mu, sd, shape, scale) in fits.items():
       ax.plot(xs, pdf(fam, float(shape), float(scale), xs), label=f'{fam}: shape {float(shape):.2f}, scale {float(scale):.2f}')
     ax.plot(xs, np.exp(-xs**2 / 2) / np.sqrt(2 * np.pi), 'k:', label='N(0,1)')
-    ax.set_ylim(0, None); ax.legend(fontsize=7); plt.show()
+    ax.set_yscale('log'); ax.set_ylim(1e-4, 20)   # log scale: tails and the peak at 0 both visible
+    ax.set_xlabel('z'); ax.legend(fontsize=7); plt.show()
     """),
     code("""
     def loglik(fam, shape, scale):
