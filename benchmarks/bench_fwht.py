@@ -6,6 +6,9 @@ Dao-AILab `fast-hadamard-transform` (GPU), all measured in the same run.
 Prints median wall time per transform (float32, one vector of length 2^k) and ratios:
 `vs_plain` = ours / plain jnp butterfly, `vs_mempass` = ours / one read+write pass of the same
 array (`x * -1`), `vs_ffht` / `vs_dao` = ours / external library (when importable).
+FFHT transforms a NumPy array in place, so each method is also timed "donated" (`jit` with
+`donate_argnums=0` on a fresh copy per call: in place where the method can alias its input,
+as the native kernel does), beside a donated memory pass.
 Targets (issue 3): GPU within 4x of one memory pass; CPU within 2x of FFHT.
 """
 
@@ -23,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fedjax_compress import ops
+from fedjax_compress.ops import _native as native
 
 
 def plain_butterfly(x: jax.Array) -> jax.Array:
@@ -43,6 +47,19 @@ def _time(fn, arg, reps: int) -> float:
   for _ in range(reps):
     t = time.perf_counter()
     jax.block_until_ready(fn(arg))
+    out.append(time.perf_counter() - t)
+  return statistics.median(out)
+
+
+def _time_donated(fn, arg, reps: int) -> float:
+  """Median wall time of a donating `fn` over `reps` calls, each on its own fresh copy of `arg`."""
+  copies = [arg.copy() for _ in range(reps + 1)]
+  jax.block_until_ready(copies)
+  jax.block_until_ready(fn(copies[0]))
+  out = []
+  for c in copies[1:]:
+    t = time.perf_counter()
+    jax.block_until_ready(fn(c))
     out.append(time.perf_counter() - t)
   return statistics.median(out)
 
@@ -68,7 +85,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--log2n", default="20,24")
   parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--methods", default="auto,butterfly,kron,pallas")
+  parser.add_argument("--methods", default="auto,butterfly,kron,pallas,native")
   parser.add_argument("--fastfood_d", type=int, default=1024,
                       help="also time IGC's V^T g at D = n (0: skip)")
   args = parser.parse_args()
@@ -82,6 +99,7 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
     base = _time(jax.jit(plain_butterfly), x, args.reps)
     mem = _time(jax.jit(lambda v: v * -1.0), x, args.reps)
+    mem_d = _time_donated(jax.jit(lambda v: v * -1.0, donate_argnums=0), x, args.reps)
     ext = {}
     if ffht is not None:
       a = np.asarray(x).copy()
@@ -94,16 +112,25 @@ def main() -> None:
         torch.cuda.synchronize()
         return out
       ext["dao"] = _time(run, tx, args.reps)
-    print(f"\nn=2^{k}: plain_butterfly {base * 1e3:.3f} ms, memory_pass {mem * 1e3:.3f} ms"
+    print(f"\nn=2^{k}: plain_butterfly {base * 1e3:.3f} ms, memory_pass {mem * 1e3:.3f} ms "
+          f"(donated {mem_d * 1e3:.3f} ms)"
           + "".join(f", {name} {t * 1e3:.3f} ms" for name, t in ext.items()))
     for method in args.methods.split(","):
       if method == "pallas" and backend == "cpu":
         print("  pallas    skipped on CPU (interpret mode is a correctness path, not a fast one)")
         continue
-      t = _time(jax.jit(lambda v, m=method: ops.fwht(v, method=m)), x, args.reps)
+      if method == "native" and (backend != "cpu" or not native.available()):
+        print("  native    skipped (CPU only; needs a C++ compiler)")
+        continue
+      f = lambda v, m=method: ops.fwht(v, method=m)
+      t = _time(jax.jit(f), x, args.reps)
+      td = _time_donated(jax.jit(f, donate_argnums=0), x, args.reps)
       ratios = f"vs_plain {t / base:.2f}x  vs_mempass {t / mem:.1f}x" + "".join(
           f"  vs_{name} {t / te:.2f}x" for name, te in ext.items())
-      print(f"  {method:9s} {t * 1e3:9.3f} ms   {ratios}")
+      ratios_d = f"vs_mempass {td / mem_d:.1f}x" + "".join(
+          f"  vs_{name} {td / te:.2f}x" for name, te in ext.items())
+      print(f"  {method:9s} {t * 1e3:9.3f} ms   {ratios}\n"
+            f"  {'':9s} {td * 1e3:9.3f} ms donated   {ratios_d}")
     if args.fastfood_d:
       d = args.fastfood_d
       fwht_t = _time(jax.jit(ops.fwht), x, args.reps)

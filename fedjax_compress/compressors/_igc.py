@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, EmptyState, Field, Keys
 from fedjax_compress._src.keys import as_key
-from fedjax_compress.ops import _fastfood
+from fedjax_compress.ops import _fastfood, _hadamard
 
 _SUBSPACE_DRAW = 0x1C  # fold_in tag of the random subspace choice (K-subspace, 'random')
 _FLOAT_BITS = 32
@@ -89,8 +89,8 @@ def _check_common(d, block_rows, gaussian, method, permutation) -> tuple[int, di
   d = checks.check_positive_int(d, "d (intrinsic dimension)")
   if block_rows is not None:
     checks.check_positive_int(block_rows, "block_rows")
-  if method not in ("auto", "butterfly", "kron", "pallas"):
-    raise ValueError(f"method must be 'auto', 'butterfly', 'kron' or 'pallas', got {method!r}")
+  if method not in _hadamard.METHODS:
+    raise ValueError(f"method must be one of {_hadamard.METHODS}, got {method!r}")
   if permutation not in _fastfood.PERMUTATIONS:
     raise ValueError(f"permutation must be one of {_fastfood.PERMUTATIONS}, got {permutation!r}")
   return d, dict(block_rows=block_rows, gaussian=bool(gaussian), method=method,

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_compress.ops import _native
+
 # Largest dense factor of the Kronecker form (log2). 2^7 = 128 keeps every factor's matmul
 # small on CPU; the Pallas path picks its own factor sizes.
 KRON_MAX_LOG2 = 7
@@ -89,19 +91,23 @@ def fwht_kron(x: jax.Array, max_log2: int = KRON_MAX_LOG2) -> jax.Array:
   return y.reshape(lead + (n,))
 
 
-METHODS = ("auto", "butterfly", "kron", "pallas")
+METHODS = ("auto", "butterfly", "kron", "pallas", "native")
 PALLAS_MIN_N = 1 << 12
 
 
 def default_method(backend: str | None = None) -> str:
-  """The method `fwht(method='auto')` uses: Pallas on GPU, Kronecker on TPU, butterfly on CPU.
+  """The method `fwht(method='auto')` uses: Pallas on GPU, Kronecker on TPU, native on CPU.
 
-  The CPU choice is measured (benchmarks/bench_fwht.py): XLA fuses each butterfly stage
-  into one cheap pass, while the Kronecker form's small matmuls are slower there.
+  The CPU choice is measured (benchmarks/bench_fwht.py): the cache-blocked native kernel
+  (`_native.py`) runs near one memory pass per radix-8 level, while XLA runs every butterfly
+  stage as its own pass and the Kronecker form's small matmuls are slower still. Where the
+  kernel cannot be built (no C++ compiler), CPU falls back to the butterfly.
   """
   backend = jax.default_backend() if backend is None else backend
-  return {"gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "kron"}.get(
-      backend, "butterfly")
+  method = {"gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "kron"}.get(backend)
+  if method is None:
+    method = "native" if _native.available() else "butterfly"
+  return method
 
 
 def fwht(x: jax.Array, *, normalize: bool = False, method: str = "auto") -> jax.Array:
@@ -110,8 +116,9 @@ def fwht(x: jax.Array, *, normalize: bool = False, method: str = "auto") -> jax.
   `n = x.shape[-1]` must be a power of two; leading axes are batch axes. `H_n` is
   symmetric and `H_n H_n = n I`, so the normalized transform is its own inverse.
   `method`: 'butterfly' | 'kron' (jnp) | 'pallas' (kernel; interpret mode on CPU) |
-  'auto' (`default_method()`, by backend). Pallas runs only on floating inputs; 'auto'
-  falls back to the butterfly for other dtypes and for `n < 64`.
+  'native' (C++ kernel through the XLA FFI, CPU, float32/float64) | 'auto'
+  (`default_method()`, by backend). 'auto' falls back to the butterfly for dtypes the
+  chosen kernel lacks and, for Pallas, for `n < PALLAS_MIN_N`.
 
   >>> import jax.numpy as jnp
   >>> fwht(jnp.array([1.0, 0.0, 0.0, 0.0])).tolist()
@@ -129,7 +136,15 @@ def fwht(x: jax.Array, *, normalize: bool = False, method: str = "auto") -> jax.
     method = default_method()
     if method == "pallas" and (n < PALLAS_MIN_N or not jnp.issubdtype(x.dtype, jnp.floating)):
       method = "butterfly"
-  if method == "butterfly":
+    if method == "native" and not _native.available(x.dtype):
+      method = "butterfly"
+  if method == "native":
+    if jax.default_backend() != "cpu" or not _native.available(x.dtype):
+      raise ValueError("method='native' needs the CPU backend, float32/float64 input and a "
+                       f"built kernel (got {jax.default_backend()}, {x.dtype}); "
+                       "see fedjax_compress/ops/_native.py")
+    y = _native.fwht_native(x)
+  elif method == "butterfly":
     y = fwht_butterfly(x)
   elif method == "kron":
     y = fwht_kron(x)
