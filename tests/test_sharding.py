@@ -19,25 +19,37 @@ def loss_fn(p, batch, mask, key):
   return jnp.sum(m * nll) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def test_sharded_round_equals_unsharded():
-  assert len(jax.devices()) >= 4
-  rng = np.random.default_rng(0)
-  c, steps, b, d, k = 8, 2, 4, 6, 3
+C, STEPS, B, D, K, NUM_CLIENTS = 8, 2, 4, 6, 3, 12
+
+
+def make_round():
+  """The jitted round (EF top-k uplink, adam server) and its initial state, shared with
+  tests/_multihost_worker.py."""
   up = error_feedback(compressors.top_k(fraction=0.3))
   rnd = jax.jit(federated.build_round(loss_fn, optax.sgd(0.2), optax.adam(0.05), up,
-                                      local_steps=steps))
-  params = {"w": jnp.zeros((d, k)), "b": jnp.zeros(k)}
-  state = federated.init_server_state(params, optax.adam(0.05), up, num_clients=12)
+                                      local_steps=STEPS))
+  params = {"w": jnp.zeros((D, K)), "b": jnp.zeros(K)}
+  return rnd, federated.init_server_state(params, optax.adam(0.05), up, num_clients=NUM_CLIENTS)
+
+
+def make_cohorts(rounds: int = 2) -> list:
+  """Deterministic cohorts of C clients (the last one padding, weight 0)."""
+  rng = np.random.default_rng(0)
+  return [federated.Cohort(
+      ids=rng.permutation(NUM_CLIENTS)[:C].astype(np.int32),
+      batches={"x": rng.normal(size=(C, STEPS, B, D)).astype(np.float32),
+               "y": rng.integers(0, K, (C, STEPS, B)).astype(np.int32)},
+      mask=rng.random((C, STEPS, B)) < 0.9,
+      weight=np.r_[rng.uniform(1, 3, C - 1), 0.0].astype(np.float32)) for _ in range(rounds)]
+
+
+def test_sharded_round_equals_unsharded():
+  assert len(jax.devices()) >= 4
+  rnd, state = make_round()
   mesh = federated.client_mesh(4)
   sharded = federated.shard_state(state, mesh)
   assert sharded.senders.residual["w"].sharding.spec[0] == "clients"
-  for r in range(2):
-    cohort = federated.Cohort(
-        ids=rng.permutation(12)[:c].astype(np.int32),
-        batches={"x": rng.normal(size=(c, steps, b, d)).astype(np.float32),
-                 "y": rng.integers(0, k, (c, steps, b)).astype(np.int32)},
-        mask=rng.random((c, steps, b)) < 0.9,
-        weight=np.r_[rng.uniform(1, 3, c - 1), 0.0].astype(np.float32))
+  for r, cohort in enumerate(make_cohorts()):
     sc = federated.shard_cohort(cohort, mesh)
     assert len(sc.batches["x"].sharding.device_set) == 4
     state, m0 = rnd(state, cohort, jax.random.key(r))

@@ -1,9 +1,19 @@
 """Client-axis sharding: cohort leaves and per-client states split over a 1-D 'clients' mesh.
 
-Params are replicated; XLA (Auto axis mode) partitions the vmapped round. Multi-host: run the
-same program on every host after `jax.distributed.initialize()`; each host loads its slice of
-the cohort and builds global arrays with `jax.make_array_from_process_local_data(sharding,
-local_slice)` using `NamedSharding(client_mesh(), P('clients'))` (untested here).
+Params are replicated; XLA (Auto axis mode) partitions the vmapped round.
+
+Multi-host (TPU pod slices, GPU hosts; tested on CPU with two processes and gloo in
+tests/test_multihost.py): every process runs the same script,
+
+    jax.distributed.initialize()            # coordinator/process ids from the environment
+    mesh = client_mesh()                    # all devices of all processes
+    state = shard_state(init_server_state(...), mesh)   # same seed => same state everywhere
+    for r in ...:
+      local = sample_cohort(...)            # this process's cohort_size / process_count rows
+      state, m = round_fn(state, shard_cohort(local, mesh, process_local=True), key)
+
+Process p holds global cohort rows `[p * c_local, (p + 1) * c_local)`; metrics come back as
+global arrays (read them with `jax.experimental.multihost_utils.process_allgather`).
 """
 
 from __future__ import annotations
@@ -28,22 +38,31 @@ def client_mesh(num_devices: Optional[int] = None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _split(tree: Any, mesh: Mesh, what: str) -> Any:
+def _split(tree: Any, mesh: Mesh, what: str, process_local: bool = False) -> Any:
   n = mesh.shape["clients"]
   sharded = NamedSharding(mesh, P("clients"))
+  # With process-local rows, each process owns its addressable share of the devices.
+  share = n // jax.process_count() if process_local else n
 
   def put(x):
-    if np.shape(x)[0] % n:
+    if np.shape(x)[0] % share:
       raise ValueError(f"{what} leading axis {np.shape(x)[0]} is not a multiple of the "
-                       f"{n} devices; pad it (sample_cohort(..., pad_to={n}))")
+                       f"{share} devices it is split over; pad it "
+                       f"(sample_cohort(..., pad_to={share}))")
+    if process_local:
+      return jax.make_array_from_process_local_data(sharded, np.asarray(x))
     return jax.device_put(x, sharded)
 
   return jax.tree.map(put, tree)
 
 
-def shard_cohort(cohort: Cohort, mesh: Mesh) -> Cohort:
-  """Place every cohort leaf with `NamedSharding(mesh, P('clients'))` (size % devices == 0)."""
-  return _split(cohort, mesh, "cohort")
+def shard_cohort(cohort: Cohort, mesh: Mesh, *, process_local: bool = False) -> Cohort:
+  """Place every cohort leaf with `NamedSharding(mesh, P('clients'))` (size % devices == 0).
+
+  `process_local=True` (multi-host): `cohort` holds only this process's rows, and the global
+  cohort is their concatenation in process order (`jax.make_array_from_process_local_data`).
+  """
+  return _split(cohort, mesh, "cohort", process_local)
 
 
 def shard_state(state: ServerState, mesh: Mesh) -> ServerState:
