@@ -275,6 +275,98 @@ class IgcTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "cg_iters"):
       C.intrinsic_static_downlink(3, cg_iters=0)
 
+  def test_k_subspace_downlink_sends_all_coordinates(self):
+    """K-subspace download = 32 min(K d, D): Z accumulates, any message rebuilds the model."""
+    d, k = 4, 3
+    dn = C.intrinsic_k_subspace_downlink(d, k, seed=5)
+    vs = [_dense(jax.random.fold_in(jax.random.key(5), i), d) for i in range(k)]
+    stacked = np.concatenate(vs, axis=1)  # (D, K d)
+    rng = np.random.default_rng(2)
+    s, r = dn.init(LIKE)
+    enc, dec = jax.jit(dn.encode), jax.jit(dn.decode)
+    total_z, total = np.zeros((k, d)), np.zeros(D)
+    for t in range(4):  # deltas in range([V_1..V_K]) (what a K-subspace server produces)
+      dz = rng.standard_normal((k, d))
+      delta = stacked @ dz.reshape(-1)
+      payload, s = enc(layout.unraveler(LIKE)(jnp.asarray(delta, jnp.float32)), s, _keys(t))
+      out, r = dec(payload, r, _keys(t), LIKE)
+      total_z, total = total_z + dz, total + delta
+      assert int(bits.count(payload)) == 32 * k * d == C.intrinsic_downlink_bits(
+          "k_subspace", d, D, num_subspaces=k)
+      assert len(wire.pack(payload)) * 8 >= int(bits.count(payload))
+      np.testing.assert_allclose(payload.data, total_z, atol=1e-4)  # the whole Z, not a delta
+      np.testing.assert_allclose(layout.ravel(out), delta, atol=1e-4)
+    # a client that saw only the last message rebuilds theta - theta_0 from Z alone
+    np.testing.assert_allclose(stacked @ np.asarray(payload.data, np.float64).reshape(-1),
+                               total, atol=1e-4)
+    # other deltas: least-squares projection onto the stacked range
+    g = np.asarray(layout.ravel(_tree(3)), np.float64)
+    p2, _ = enc(layout.unraveler(LIKE)(jnp.asarray(g, jnp.float32)), dn.init(LIKE)[0],
+                _keys(0))
+    np.testing.assert_allclose(p2.data.reshape(-1), np.linalg.lstsq(stacked, g, rcond=None)[0],
+                               atol=1e-3)
+    # K = 1 decodes as the static downlink (same map, same coordinates)
+    one, static = C.intrinsic_k_subspace_downlink(d, 1, seed=5), C.intrinsic_static_downlink(
+        d, seed=5)
+    x = layout.unraveler(LIKE)(jnp.asarray(vs[0] @ rng.standard_normal(d), jnp.float32))
+    p_one, _ = one.encode(x, one.init(LIKE)[0], _keys(0))
+    p_st, _ = static.encode(x, EmptyState(), _keys(0))
+    np.testing.assert_allclose(p_one.data[0], p_st.data, atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "num_subspaces"):
+      C.intrinsic_k_subspace_downlink(3, 0)
+
+  def test_k_subspace_downlink_dense_when_kd_exceeds_d(self):
+    dn = C.intrinsic_k_subspace_downlink(13, 3, seed=0)  # 39 >= D = 37
+    s, r = dn.init(LIKE)
+    g1, g2 = _tree(4), _tree(5)
+    p1, s = dn.encode(g1, s, _keys(0))
+    out1, r = dn.decode(p1, r, _keys(0), LIKE)
+    p2, s = dn.encode(g2, s, _keys(1))
+    out2, r = dn.decode(p2, r, _keys(1), LIKE)
+    assert int(bits.count(p2)) == 32 * D == C.intrinsic_downlink_bits(
+        "k_subspace", 13, D, num_subspaces=3)
+    np.testing.assert_allclose(layout.ravel(out2), layout.ravel(g2), atol=1e-6)
+    np.testing.assert_allclose(p2.data, layout.ravel(g1) + layout.ravel(g2), atol=1e-6)
+
+  def test_k_subspace_round_with_downlink_matches_dense_broadcast(self):
+    """In the simulator, K-subspace up + K-subspace down trains exactly like a dense download."""
+    from fedjax_compress import federated  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+    d, k, c, steps, b = 5, 3, 4, 2, 6
+
+    def loss_fn(p, batch, mask, key):
+      del key
+      pred = batch["x"] @ p["w"] + p["b"][None, :5]
+      m = mask.astype(jnp.float32)[:, None]
+      return jnp.sum(m * (pred - batch["y"]) ** 2) / jnp.maximum(jnp.sum(m), 1.0)
+
+    up = C.intrinsic_k_subspace(d, k, seed=4)
+    dn = C.intrinsic_k_subspace_downlink(d, k, seed=4)
+    params = {"b": jnp.zeros((7,)), "w": jnp.zeros((6, 5))}
+    server = optax.sgd(0.5, momentum=0.9)
+    rounds = {}
+    for name, downlink in (("dense", None), ("k_subspace", dn)):
+      rnd = jax.jit(federated.build_round(loss_fn, optax.sgd(0.1), server, up,
+                                          local_steps=steps, downlink=downlink))
+      state = federated.init_server_state(params, server, up, num_clients=c,
+                                          downlink=downlink)
+      rng = np.random.default_rng(0)
+      for t in range(4):
+        cohort = federated.Cohort(
+            ids=np.arange(c, dtype=np.int32),
+            batches={"x": rng.normal(size=(c, steps, b, 6)).astype(np.float32),
+                     "y": rng.normal(size=(c, steps, b, 5)).astype(np.float32)},
+            mask=np.ones((c, steps, b), bool), weight=np.ones(c, np.float32))
+        before = state.params
+        state, m = rnd(state, cohort, jax.random.key(t))
+      rounds[name] = (state, m, before)
+    (dense_state, _, _), (k_state, k_m, k_before) = rounds["dense"], rounds["k_subspace"]
+    np.testing.assert_array_equal(np.asarray(k_m.down_bits), 32 * k * d)
+    chex.assert_trees_all_close(dense_state.params, k_state.params, atol=1e-5)
+    # clients of the last round started from the model the downlink rebuilt: the server's
+    chex.assert_trees_all_close(k_state.broadcast, k_before, atol=1e-5)
+    assert float(jnp.abs(layout.ravel(k_state.params) - layout.ravel(k_before)).max()) > 1e-3
+
   def test_subspace_reparam(self):
     theta0 = {"b": jnp.ones((7,), jnp.bfloat16), "w": jnp.full((6, 5), 2.0)}
     theta = C.subspace_reparam(theta0, 4, seed=1)

@@ -2,7 +2,9 @@
 
 from fedjax_compress.compressors._hsq import hsq
 from fedjax_compress.compressors._identity import identity
-from fedjax_compress.compressors._igc import (IgcState, intrinsic_downlink_bits, intrinsic_k_subspace,
+from fedjax_compress.compressors._igc import (IgcState, SubspaceCoords, intrinsic_downlink_bits,
+                                              intrinsic_k_subspace,
+                                              intrinsic_k_subspace_downlink,
                                               intrinsic_static, intrinsic_static_downlink,
                                               intrinsic_time_varying,
                                               subspace_loss, subspace_reparam)
@@ -18,5 +20,5 @@ __all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "count_sketch", 
            "PowerSGDState", "lbgm", "laq", "slaq", "hsq",
            "m22", "per_bit_accuracy", "PerBitAccuracy",
            "intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
-           "intrinsic_static_downlink",
+           "intrinsic_static_downlink", "intrinsic_k_subspace_downlink", "SubspaceCoords",
            "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]

@@ -21,8 +21,9 @@ same for every party of a round, see `keys.round_keys`) or from a counter state:
 - `intrinsic_time_varying`: a fresh `V = V(fold_in(keys.shared, 0))` every round. Stateless.
 
 Downlink costs (server -> client; not a property of these uplink compressors) are given by
-`intrinsic_downlink_bits` (spec IGC 2.4 table); for the static variant,
-`intrinsic_static_downlink` is an actual downlink compressor with that cost.
+`intrinsic_downlink_bits` (spec IGC 2.4 table); `intrinsic_static_downlink` (`32 d`) and
+`intrinsic_k_subspace_downlink` (`32 min(K d, D)`) are actual downlink compressors with those
+costs (time-varying IGC downloads the dense model).
 """
 
 from __future__ import annotations
@@ -168,6 +169,35 @@ def intrinsic_time_varying(d: int, *, block_rows: int | None = None, gaussian: b
               True, map_kw)
 
 
+def _least_squares(project: Callable[[jax.Array], jax.Array],
+                   transpose: Callable[[jax.Array], jax.Array], y: jax.Array,
+                   iters: int) -> jax.Array:
+  """`argmin_z ||A z - y||` by `iters` conjugate-gradient steps on `A^T A z = A^T y`.
+
+  Started at `A^T y` (`A^T A ~ I` for the near-orthonormal Fastfood columns, so a few steps
+  reach float32 precision). Differentiated implicitly through the solve, not through the CG
+  iterations (whose coefficients are ill-conditioned once the residual vanishes).
+  """
+  gram = lambda z: transpose(project(z))
+  b = transpose(y)
+
+  def cg(matvec, rhs):
+    def step(_, carry):
+      z, r, u, rr = carry
+      au = matvec(u)
+      uau = jnp.vdot(u, au)
+      alpha = jnp.where(uau > 0, rr / jnp.where(uau > 0, uau, 1.0), 0.0)
+      z, r = z + alpha * u, r - alpha * au
+      rr_new = jnp.vdot(r, r)
+      beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
+      return z, r, r + beta * u, rr_new
+
+    r0 = rhs - matvec(rhs)
+    return jax.lax.fori_loop(0, iters, step, (rhs, r0, r0, jnp.vdot(r0, r0)))[0]
+
+  return jax.lax.custom_linear_solve(gram, b, cg, symmetric=True)
+
+
 def intrinsic_static_downlink(d: int, *, seed: int | jax.Array = 0, cg_iters: int = 32,
                               block_rows: int | None = None, gaussian: bool = True,
                               method: str = "auto",
@@ -198,26 +228,8 @@ def intrinsic_static_downlink(d: int, *, seed: int | jax.Array = 0, cg_iters: in
     checks.check_finite(updates)
     y = layout.ravel(updates)
     p = fastfood(y.shape[0])
-    gram = lambda z: _fastfood.fastfood_transpose(p, _fastfood.fastfood_project(p, z))
-    b = _fastfood.fastfood_transpose(p, y)
-
-    def cg(matvec, rhs):
-      def step(_, carry):
-        z, r, u, rr = carry
-        au = matvec(u)
-        uau = jnp.vdot(u, au)
-        alpha = jnp.where(uau > 0, rr / jnp.where(uau > 0, uau, 1.0), 0.0)
-        z, r = z + alpha * u, r - alpha * au
-        rr_new = jnp.vdot(r, r)
-        beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
-        return z, r, r + beta * u, rr_new
-
-      r0 = rhs - matvec(rhs)
-      return jax.lax.fori_loop(0, iters, step, (rhs, r0, r0, jnp.vdot(r0, r0)))[0]
-
-    # Implicit differentiation of the solve (not through the CG iterations, whose
-    # coefficients are ill-conditioned once the residual vanishes).
-    z = jax.lax.custom_linear_solve(gram, b, cg, symmetric=True)
+    z = _least_squares(lambda z: _fastfood.fastfood_project(p, z),
+                       lambda y: _fastfood.fastfood_transpose(p, y), y, iters)
     return Field(z, _FLOAT_BITS), state
 
   def decode_fn(payload, state, keys, like):
@@ -234,14 +246,82 @@ def intrinsic_static_downlink(d: int, *, seed: int | jax.Array = 0, cg_iters: in
   return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn)
 
 
+class SubspaceCoords(NamedTuple):
+  """Coordinates of the broadcast model relative to `theta_0` (K-subspace downlink state)."""
+
+  z: jax.Array  # (K, d) float32, or (D,) when K d >= D (the dense delta)
+
+
+def intrinsic_k_subspace_downlink(d: int, num_subspaces: int, *, seed: int | jax.Array = 0,
+                                  cg_iters: int = 32, block_rows: int | None = None,
+                                  gaussian: bool = True, method: str = "auto",
+                                  permutation: str = "uniform") -> Compressor:
+  """Server -> client channel of K-subspace IGC: all `K` coordinate blocks, `32 min(K d, D)` bits.
+
+  The broadcast model is `theta_0 + sum_k V_k z_k` with the maps of
+  `intrinsic_k_subspace(d, K, seed=seed)`. Every message carries the whole `Z = (z_1..z_K)`,
+  so a client that missed any number of rounds rebuilds the model from `theta_0` and the
+  latest message alone (the spec's `min(K d, D)` download). `encode(delta)` adds
+  `argmin_Z ||sum_k V_k z_k - delta||` (CG on the stacked `K d`-column map, see
+  `intrinsic_static_downlink`) to the sender's `Z` and sends it; `decode` returns
+  `sum_k V_k (Z - Z_prev)`. Deltas of a K-subspace server (SGD, momentum or Adam on the
+  decoded updates) lie in `range([V_1 .. V_K])` and are sent exactly up to float rounding.
+  When `K d >= D` the coordinates are the dense `theta - theta_0` (`32 D` bits). `K = 1`
+  decodes as `intrinsic_static_downlink`. Stateful on both sides; no `aggregate`.
+  """
+  d, map_kw = _check_common(d, block_rows, gaussian, method, permutation)
+  k = checks.check_positive_int(num_subspaces, "num_subspaces")
+  iters = checks.check_positive_int(cg_iters, "cg_iters")
+  map_keys = jax.vmap(lambda i: jax.random.fold_in(as_key(seed), i))(jnp.arange(k))
+
+  def dense(num: int) -> bool:
+    return k * d >= num
+
+  def maps(num):
+    return jax.vmap(lambda key: _fastfood.fastfood_params(key, d, num, **map_kw))(map_keys)
+
+  def project(ps, z):
+    return jnp.sum(jax.vmap(_fastfood.fastfood_project)(ps, z), axis=0)
+
+  def transpose(ps, y):
+    return jax.vmap(lambda p: _fastfood.fastfood_transpose(p, y))(ps)
+
+  def init_fn(params):
+    num = layout.num_params(params)
+    _fastfood.check_dims(d, num)
+    z = jnp.zeros((num,) if dense(num) else (k, d), jnp.float32)
+    return SubspaceCoords(z), SubspaceCoords(z)
+
+  def encode_fn(updates, state, keys, params=None):
+    del keys, params
+    checks.check_finite(updates)
+    y = layout.ravel(updates).astype(jnp.float32)
+    if dense(y.shape[0]):
+      dz = y
+    else:
+      ps = maps(y.shape[0])
+      dz = _least_squares(lambda z: project(ps, z), lambda v: transpose(ps, v), y, iters)
+    z = state.z + dz
+    return Field(z, _FLOAT_BITS), SubspaceCoords(z)
+
+  def decode_fn(payload, state, keys, like):
+    del keys
+    num = layout.num_params(like)
+    dz = payload.data - state.z
+    y = dz if dense(num) else project(maps(num), dz)
+    return layout.unraveler(like)(y), SubspaceCoords(payload.data)
+
+  return Compressor(init_fn, encode_fn, decode_fn, None)
+
+
 def intrinsic_downlink_bits(variant: str, d: int, num_params: int, *,
                             num_subspaces: int = 1) -> int:
   """Per-client, per-round downlink bits of an IGC variant (spec IGC 2.4, float32 values).
 
   'static': `32 d` (the server broadcasts `z_t`); 'k_subspace': `32 min(K d, D)` (all `z_k`,
   or the dense model when cheaper); 'time_varying': `32 D` (the dense model). Map seeds
-  cost 0 bits (derived from the round keys both sides know). For 'static',
-  `intrinsic_static_downlink` is a compressor that sends exactly these bits.
+  cost 0 bits (derived from the round keys both sides know). `intrinsic_static_downlink`
+  and `intrinsic_k_subspace_downlink` are compressors that send exactly these bits.
 
   >>> intrinsic_downlink_bits('k_subspace', 10, 25, num_subspaces=3)
   800
@@ -288,4 +368,5 @@ def subspace_loss(loss_fn: Callable[..., jax.Array], theta_0: Any, d: int,
 
 
 __all__ = ["intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
-           "intrinsic_static_downlink", "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]
+           "intrinsic_static_downlink", "intrinsic_k_subspace_downlink", "SubspaceCoords",
+           "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState"]

@@ -62,6 +62,8 @@ REGISTRY: list[Entry] = [
     Entry("igc_time_varying", lambda: C.intrinsic_time_varying(16), max_bits_fraction=0.15),
     Entry("igc_static_downlink", lambda: C.intrinsic_static_downlink(16, seed=0),
           max_bits_fraction=0.15),
+    Entry("igc_k_subspace_downlink", lambda: C.intrinsic_k_subspace_downlink(8, 2, seed=0),
+          stateful=True, max_bits_fraction=0.15),
     # --- M22 / HSQ (issue 6) ---
     Entry("m22", lambda: C.m22(2, top_fraction=0.6, min_layer_size=40, lloyd_iters=20)),
     Entry("m22_weibull_pooled", lambda: C.m22(1, m=2.0, family="weibull", top_fraction=None,
