@@ -15,12 +15,18 @@ participation; the `note` column says so). Writes to `--out`:
 
   PYTHONPATH=. python benchmarks/compare.py --out results/compare
   PYTHONPATH=. python benchmarks/compare.py --methods identity,top_k_ef,qsgd --rounds 3
-  PYTHONPATH=. python benchmarks/compare.py --dataset emnist   # needs the `data` extra
+  PYTHONPATH=. python benchmarks/compare.py --dataset emnist --data_dir ~/tensorflow_datasets \
+      --num_clients 100 --partition dirichlet --alpha 0.3   # needs the `data` extra
+
+The model is `--model` (default: logistic regression on synthetic data, a CNN on image
+datasets, the GRU char model on tiny_shakespeare). tfds datasets are never downloaded unless
+`--download` is given; an absent dataset stops with a message naming `--data_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -28,7 +34,7 @@ import os
 import shutil
 import time
 import traceback
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from experiments.common import runner  # noqa: E402
 from experiments.configs import quickstart  # noqa: E402
+from fedjax_compress import data as fdata  # noqa: E402
 from fedjax_compress import models  # noqa: E402
 from fedjax_compress._src.base import Keys  # noqa: E402
 
@@ -57,23 +64,38 @@ class Method(NamedTuple):
   note: str = ""
 
 
+SMALL_MODEL = 10_000  # up to this many parameters the fixed sizes below are used
+
+
+def model_scaled_sizes(num_params: Optional[int]) -> tuple[int, int]:
+  """(count-sketch width = its top-k, IGC d): 60 and 64 for small models, else D/10 and D/100."""
+  if not num_params or num_params <= SMALL_MODEL:
+    return 60, 64
+  return num_params // 10, num_params // 100
+
+
 def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[Method]:
-  """The default families (about a dozen), configured for a ~600-parameter logistic model.
+  """The default families, configured for the ~600-parameter logistic model.
 
   With `num_params` (D), the IGC rows use server lr `D/d`: `V V^T g` keeps ~`d/D` of `g`.
+  Above `SMALL_MODEL` parameters the count sketch and IGC sizes scale with D
+  (`model_scaled_sizes`). LAQ / SLAQ run their papers' schedule: every client every round,
+  one local step of client sgd 1.0 (delta = the local gradient), server sgd = `step_size`;
+  LAQ on full-batch gradients, SLAQ on minibatches of the shared batch size.
   """
-  igc_over = {"server_lr": num_params / 64} if num_params else {}
-  igc_note = f", server lr D/d={num_params / 64:.3g}" if num_params else ""
-  laq_over = dict(cohort_size=num_clients, local_steps=1, client_lr=1.0, server_lr=0.5,
-                  batch_size=-1)
+  sk, d = model_scaled_sizes(num_params)
+  igc_over = {"server_lr": num_params / d} if num_params else {}
+  igc_note = f", server lr D/d={num_params / d:.3g}" if num_params else ""
+  lazy = dict(cohort_size=num_clients, local_steps=1, client_lr=1.0, server_lr=0.5)
+  laq_over = dict(lazy, batch_size=-1)
   return [
       Method("identity", "identity", {}),
       Method("top_k_ef", "top_k", {"fraction": 0.1}, ef=True, note="10% + EF"),
       Method("random_k", "random_k", {"fraction": 0.25}, note="25%, unbiased"),
       Method("qsgd", "qsgd", {"levels": 4, "bucket_size": 64}, note="s=4, bucket 64"),
       Method("sign_sgd_ef", "sign_sgd", {"scaled": True}, ef=True, note="scaled + EF"),
-      Method("count_sketch", "count_sketch", {"rows": 3, "cols": 60, "k": 60},
-             note="3x60, top-60"),
+      Method("count_sketch", "count_sketch", {"rows": 3, "cols": sk, "k": sk},
+             note=f"3x{sk}, top-{sk}"),
       Method("power_sgd_ef", "power_sgd", {"rank": 1, "min_compression_rate": 1.0}, ef=True,
              note="rank 1 + EF"),
       Method("m22", "m22", {"bits": 2, "top_fraction": 0.6, "min_layer_size": 100,
@@ -83,11 +105,19 @@ def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[
              note="identity inner, delta 0.2"),
       Method("laq", "laq", {"bits": 4, "step_size": 0.5}, overrides=laq_over,
              note="b=4; full participation, local_steps=1, full batch, server sgd 0.5"),
-      Method("igc_static", "intrinsic_static", {"d": 64, "seed": 0},
-             downlink="intrinsic_static_downlink", downlink_kwargs={"d": 64, "seed": 0},
-             overrides=igc_over, note="d=64, static downlink" + igc_note),
-      Method("igc_time_varying", "intrinsic_time_varying", {"d": 64}, overrides=igc_over,
-             note="d=64" + igc_note),
+      Method("slaq", "slaq", {"bits": 3, "step_size": 0.5}, overrides=lazy,
+             note="b=3, official SLAQ rule; full participation, local_steps=1, minibatch, "
+                  "server sgd 0.5"),
+      Method("igc_static", "intrinsic_static", {"d": d, "seed": 0},
+             downlink="intrinsic_static_downlink", downlink_kwargs={"d": d, "seed": 0},
+             overrides=igc_over, note=f"d={d}, static downlink" + igc_note),
+      Method("igc_k_subspace", "intrinsic_k_subspace",
+             {"d": d, "num_subspaces": 4, "seed": 0, "schedule": "random"},
+             downlink="intrinsic_k_subspace_downlink",
+             downlink_kwargs={"d": d, "num_subspaces": 4, "seed": 0},
+             overrides=igc_over, note=f"d={d}, K=4 random, K-subspace downlink" + igc_note),
+      Method("igc_time_varying", "intrinsic_time_varying", {"d": d}, overrides=igc_over,
+             note=f"d={d}" + igc_note),
   ]
 
 
@@ -98,14 +128,82 @@ def num_params(config: Any, data: Any) -> int:
   return int(sum(np.size(p) for p in jax.tree.leaves(params)))
 
 
-def base_config(dataset: str, rounds: int, seed: int) -> Any:
-  """Quickstart config (logistic model) with `rounds`, the dataset and sparse checkpoints."""
+def default_model(dataset: str) -> str:
+  """Model for a dataset: logistic on synthetic, char_lm on tiny_shakespeare, else cnn."""
+  return {"synthetic": "logistic", "tiny_shakespeare": "char_lm"}.get(dataset, "cnn")
+
+
+def dataset_config(dataset: str, *, data_dir: Optional[str] = None,
+                   num_clients: Optional[int] = None, partition: Optional[str] = None,
+                   alpha: float = 0.5, download: bool = False) -> dict:
+  """Fields of `config.dataset` (read by `runner.make_dataset`) for the CLI flags.
+
+  Synthetic data keep the quickstart fields; `partition='iid'` shares one labelling model
+  (`data.synthetic(iid=True)`) and 'dirichlet' is rejected (Synthetic(a, b) is non-IID by
+  construction). tfds datasets go to `data.load_tfds` (defaults: 100 clients, Dirichlet 0.5).
+  The data (and partition) seed is 0 whatever the training seed, as in the quickstart.
+  """
+  if dataset == "synthetic":
+    if partition == "dirichlet":
+      raise ValueError("--partition dirichlet applies to tfds datasets; synthetic data are "
+                       "non-IID by construction (use --partition iid for the IID variant)")
+    c = quickstart.get_config().dataset.to_dict()
+    if num_clients is not None:
+      c["num_clients"] = num_clients
+    if partition == "iid":
+      c["iid"] = True
+    return c
+  return dict(name=dataset, data_dir=data_dir, num_clients=num_clients or 100,
+              partition=partition or "dirichlet", alpha=alpha, download=download, seed=0)
+
+
+def base_config(dataset: str, rounds: int, seed: int, *, model: Optional[str] = None,
+                model_kwargs: Optional[dict] = None, eval_every: int = 1,
+                **data_kw: Any) -> Any:
+  """Quickstart config with `rounds`, the dataset (`dataset_config(**data_kw)`), the model
+  (default `default_model(dataset)`) and only the final round checkpointed."""
   c = quickstart.get_config()
-  c.rounds, c.seed = rounds, seed
+  c.rounds, c.seed, c.eval_every = rounds, seed, eval_every
   c.checkpoint_every = 10**9  # only the final round is checkpointed
-  if dataset != "synthetic":
-    c.dataset = {"name": dataset}
+  c.dataset = dataset_config(dataset, **data_kw)
+  c.model.name = model or default_model(dataset)
+  c.model.kwargs = dict(model_kwargs or {})
   return c
+
+
+@contextlib.contextmanager
+def cached_datasets() -> Iterator[None]:
+  """Within the block `runner.make_dataset` loads each distinct dataset config once."""
+  original = runner.make_dataset
+  if getattr(original, "cached", False):  # nested: the outer cache is in place
+    yield
+    return
+  cache: dict[str, fdata.FederatedData] = {}
+
+  def make(cfg: Any) -> fdata.FederatedData:
+    key = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), sort_keys=True)
+    if key not in cache:
+      cache[key] = original(cfg)
+    return cache[key]
+
+  make.cached = True
+  runner.make_dataset = make
+  try:
+    yield
+  finally:
+    runner.make_dataset = original
+
+
+def load_data(config: Any) -> fdata.FederatedData:
+  """`config.dataset` loaded; a missing tfds package or dataset exits with what to do."""
+  name = config.dataset.name
+  try:
+    return runner.make_dataset(config.dataset)
+  except (ImportError, FileNotFoundError) as e:
+    raise SystemExit(
+        f"--dataset {name} is not available offline: {e}\nPrepare it once with tfds on a "
+        "machine with network access and pass its directory as --data_dir (or pass "
+        "--download), or run the built-in --dataset synthetic.") from e
 
 
 def method_config(base: Any, m: Method, num_clients: int, max_batch: int) -> Any:
@@ -248,7 +346,20 @@ def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 
             progress: bool = False) -> list[dict]:
   """Run every method (failures are recorded, not raised); write tables and plots."""
   os.makedirs(out, exist_ok=True)
-  data = runner.make_dataset(base.dataset)
+  with cached_datasets():
+    table, runs = _run_methods(methods, base, out, time_reps, progress)
+  add_relative(table, runs)
+  write_tables(table, out)
+  plot(runs, out)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(table, f, indent=1)
+  return table
+
+
+def _run_methods(methods: Sequence[Method], base: Any, out: str, time_reps: int,
+                 progress: bool) -> tuple[list[dict], dict[str, list[dict]]]:
+  """Train and time every method; returns the table entries and the metric rows per label."""
+  data = load_data(base)
   num_clients, max_batch = data.num_clients, int(data.client_sizes().max())
   table, runs = [], {}
   for m in methods:
@@ -267,37 +378,66 @@ def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 
       print(f"[{m.label}] FAILED\n" + "\n".join(tb[-8:]), flush=True)
     table.append(entry)
     print(json.dumps(entry), flush=True)
-  add_relative(table, runs)
-  write_tables(table, out)
-  plot(runs, out)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(table, f, indent=1)
-  return table
+  return table, runs
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  """CLI entry point."""
+def _json_kwargs(text: str) -> dict:
+  """A JSON object of model kwargs; lists become tuples (flax modules must be hashable)."""
+  kw = json.loads(text or "{}")
+  if not isinstance(kw, dict):
+    raise SystemExit(f"--model_kwargs must be a JSON object, got {text!r}")
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """The CLI flags."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="results/compare")
-  p.add_argument("--dataset", default="synthetic", help="'synthetic' or a tfds name")
+  p.add_argument("--dataset", default="synthetic",
+                 help="'synthetic' or a tfds name (emnist, cifar10, fashion_mnist, ...)")
+  p.add_argument("--data_dir", default=None, help="tfds data directory")
+  p.add_argument("--download", action="store_true", help="let tfds download the dataset")
+  p.add_argument("--num_clients", type=int, default=None,
+                 help="clients (default: 30 synthetic, 100 tfds; ignored by tiny_shakespeare)")
+  p.add_argument("--partition", choices=("iid", "dirichlet"), default=None,
+                 help="tfds split into clients (default dirichlet); synthetic: iid only")
+  p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+  p.add_argument("--model", choices=("logistic", "mlp", "cnn", "resnet", "char_lm"),
+                 default=None,
+                 help="default: logistic (synthetic), char_lm (tiny_shakespeare), cnn (other)")
+  p.add_argument("--model_kwargs", default="", help='JSON, e.g. \'{"features": [16]}\'')
   p.add_argument("--rounds", type=int, default=30)
+  p.add_argument("--eval_every", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--methods", default="", help="comma-separated labels (default: all)")
   p.add_argument("--time-reps", type=int, default=5)
-  a = p.parse_args(argv)
-  base = base_config(a.dataset, a.rounds, a.seed)
-  data = runner.make_dataset(base.dataset)
-  methods = default_methods(data.num_clients, num_params(base, data))
-  if a.methods:
-    want = a.methods.split(",")
-    unknown = set(want) - {m.label for m in methods}
-    if unknown:
-      raise SystemExit(f"unknown methods {sorted(unknown)}; have {[m.label for m in methods]}")
-    methods = [m for m in methods if m.label in want]
+  return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+  """CLI entry point; returns the table."""
+  a = parse_args(argv)
+  try:
+    base = base_config(a.dataset, a.rounds, a.seed, model=a.model,
+                       model_kwargs=_json_kwargs(a.model_kwargs), eval_every=a.eval_every,
+                       data_dir=a.data_dir, num_clients=a.num_clients, partition=a.partition,
+                       alpha=a.alpha, download=a.download)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
   t0 = time.time()
-  run_all(methods, base, a.out, time_reps=a.time_reps)
+  with cached_datasets():
+    data = load_data(base)
+    methods = default_methods(data.num_clients, num_params(base, data))
+    if a.methods:
+      want = a.methods.split(",")
+      unknown = set(want) - {m.label for m in methods}
+      if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; have {[m.label for m in methods]}")
+      methods = [m for m in methods if m.label in want]
+    table = run_all(methods, base, a.out, time_reps=a.time_reps)
   print(open(os.path.join(a.out, "results.md")).read())
   print(f"total {time.time() - t0:.0f}s; wrote {a.out}")
+  return table
 
 
 if __name__ == "__main__":

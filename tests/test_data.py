@@ -139,3 +139,147 @@ def test_shakespeare_helpers():
   ids = [vocab.index(ch) for ch in "Speak.\n"]
   assert seq["x"].tolist() == [ids[0:3], ids[3:6]]
   assert seq["y"].tolist() == [ids[1:4], ids[4:7]]
+
+
+def _ids_images(n: int, shape: tuple, seed: int) -> np.ndarray:
+  """uint8 images [n, *shape] whose first two pixels encode the example index (i % 256, i // 256)."""
+  img = np.random.default_rng(seed).integers(0, 256, (n,) + shape, dtype=np.uint8)
+  img[:, 0, 0, 0] = np.arange(n) % 256
+  img[:, 0, 1, 0] = np.arange(n) // 256
+  return img
+
+
+def _decode_ids(x: np.ndarray) -> np.ndarray:
+  """Example indices from float images in [0, 1] made by `_ids_images`."""
+  px = np.rint(x[:, 0, :2, 0] * 255).astype(np.int64)
+  return px[:, 0] + 256 * px[:, 1]
+
+
+class _FakeTfds:
+  """`tensorflow_datasets` stand-in serving fixed splits; records every `load` call."""
+
+  def __init__(self, splits: dict):
+    self.splits, self.calls = splits, []
+
+  def load(self, name, *, split, batch_size, data_dir, download):
+    self.calls.append((name, split, batch_size, data_dir, download))
+    return self.splits[split]
+
+  @staticmethod
+  def as_numpy(x):
+    return x
+
+
+def _image_splits(n_train: int, n_test: int, shape: tuple, classes: int) -> dict:
+  """Fake tfds image splits (uint8 images, int64 labels covering every class)."""
+  rng = np.random.default_rng(7)
+  return {"train": {"image": _ids_images(n_train, shape, 0),
+                    "label": rng.permutation(np.arange(n_train) % classes).astype(np.int64)},
+          "test": {"image": _ids_images(n_test, shape, 1),
+                   "label": (np.arange(n_test) % classes).astype(np.int64)}}
+
+
+def _check_images(d, splits: dict, shape: tuple, classes: int) -> np.ndarray:
+  """Shapes, dtypes, exact pixels and labels; the partition is disjoint and covering.
+
+  Returns the client index arrays (into the train split)."""
+  train, test = splits["train"], splits["test"]
+  assert d.num_classes == classes
+  parts = []
+  for c in d.clients:
+    assert c["x"].dtype == np.float32 and c["y"].dtype == np.int32
+    assert c["x"].shape == (len(c["y"]),) + shape
+    ids = _decode_ids(c["x"])
+    np.testing.assert_array_equal(c["x"], train["image"][ids].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(c["y"], train["label"][ids])
+    parts.append(ids)
+  allids = np.concatenate(parts)
+  assert len(allids) == len(train["label"])
+  np.testing.assert_array_equal(np.sort(allids), np.arange(len(train["label"])))
+  assert d.test["x"].dtype == np.float32 and d.test["y"].dtype == np.int32
+  np.testing.assert_array_equal(d.test["x"], test["image"].astype(np.float32) / 255.0)
+  np.testing.assert_array_equal(d.test["y"], test["label"])
+  assert 0.0 <= min(c["x"].min() for c in d.clients if len(c["y"]))
+  assert max(c["x"].max() for c in d.clients if len(c["y"])) <= 1.0
+  return parts
+
+
+def test_load_tfds_emnist_dirichlet(monkeypatch):
+  """EMNIST (62 classes, 28x28x1): the loader's Dirichlet split (it has no per-writer split)."""
+  splits = _image_splits(620, 124, (28, 28, 1), 62)
+  fake = _FakeTfds(splits)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  d = data.load_tfds("emnist", data_dir="/tfds", num_clients=8, alpha=0.3, seed=1)
+  assert d.num_clients == 8 and d.name == "emnist"
+  assert sorted(fake.calls) == [("emnist", s, -1, "/tfds", False) for s in ("test", "train")]
+  parts = _check_images(d, splits, (28, 28, 1), 62)
+  want = data.partition_dirichlet(splits["train"]["label"], 8, 0.3, seed=1)
+  for got, ref in zip(parts, want):
+    np.testing.assert_array_equal(got, ref)
+  again = data.load_tfds("emnist", data_dir="/tfds", num_clients=8, alpha=0.3, seed=1)
+  other = data.load_tfds("emnist", data_dir="/tfds", num_clients=8, alpha=0.3, seed=2)
+  assert all(np.array_equal(a["y"], b["y"]) for a, b in zip(d.clients, again.clients))
+  assert not all(np.array_equal(a["y"], b["y"]) for a, b in zip(d.clients, other.clients))
+
+
+def test_load_tfds_cifar10_iid(monkeypatch):
+  """CIFAR-10 (32x32x3): IID split into near-equal clients, passing download through."""
+  splits = _image_splits(303, 50, (32, 32, 3), 10)
+  fake = _FakeTfds(splits)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  d = data.load_tfds("cifar10", num_clients=7, partition="iid", download=True, seed=3)
+  assert {c[1:] for c in fake.calls} == {("train", -1, None, True), ("test", -1, None, True)}
+  assert d.num_clients == 7
+  parts = _check_images(d, splits, (32, 32, 3), 10)
+  sizes = d.client_sizes()
+  assert sizes.sum() == 303 and sizes.max() - sizes.min() <= 1
+  for got, ref in zip(parts, data.partition_iid(303, 7, seed=3)):
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_load_tfds_fashion_mnist_partitions(monkeypatch, partition):
+  """Fashion-MNIST: both partitions cover the train split disjointly; Dirichlet 0.1 is skewed."""
+  splits = _image_splits(1000, 100, (28, 28, 1), 10)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTfds(splits))
+  d = data.load_tfds("fashion_mnist", num_clients=10, partition=partition, alpha=0.1)
+  assert d.num_clients == 10
+  _check_images(d, splits, (28, 28, 1), 10)
+  top = np.mean([np.bincount(c["y"], minlength=10).max() / len(c["y"])
+                 for c in d.clients if len(c["y"])])
+  if partition == "iid":
+    assert top < 0.3  # ~uniform labels on every client (0.1 expected)
+  else:
+    assert top > 0.5  # alpha 0.1: most of a client's examples share one label
+
+
+_PLAY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+         "All:\nSpeak, speak.\n\n"
+         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+         "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\nWith bats and clubs?\n\n"
+         "Boy:\nAy.\n\n")
+
+
+def test_load_tfds_tiny_shakespeare_by_role(monkeypatch):
+  """tiny_shakespeare: one client per speaking role with enough text, windows of the role's lines."""
+  test_text = "MENENIUS:\nZounds, what is the matter here?\n"  # 'Z' is not in the train vocab
+  fake = _FakeTfds({"train": {"text": np.array([_PLAY.encode()])},
+                    "test": {"text": np.array([test_text.encode()])}})
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  d = data.load_tfds("tiny_shakespeare", num_clients=3, partition="iid", seq_len=8)
+  vocab = "".join(sorted(set(_PLAY)))
+  assert d.num_classes == len(vocab) and d.name == "tiny_shakespeare"
+  roles = data.split_by_role(_PLAY)
+  kept = [t for t in roles.values() if (len(t) - 1) // 8 > 0]  # 'Boy' (4 chars) has no window
+  assert len(roles) == 4 and d.num_clients == len(kept) == 3  # num_clients is ignored
+  for c, text in zip(d.clients, kept):
+    assert c["x"].dtype == np.int32 and c["y"].dtype == np.int32
+    n = (len(text) - 1) // 8
+    assert c["x"].shape == c["y"].shape == (n, 8)
+    assert "".join(vocab[i] for i in c["x"].reshape(-1)) == text[:8 * n]
+    assert "".join(vocab[i] for i in c["y"].reshape(-1)) == text[1:8 * n + 1]
+  ids = [vocab.index(ch) if ch in vocab else 0 for ch in test_text]
+  n = (len(ids) - 1) // 8
+  np.testing.assert_array_equal(d.test["x"], np.array(ids[:8 * n]).reshape(n, 8))
+  np.testing.assert_array_equal(d.test["y"], np.array(ids[1:8 * n + 1]).reshape(n, 8))
+  assert "Z" not in vocab and test_text[10] == "Z" and d.test["x"][1, 2] == 0  # unknown -> 0

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -121,3 +123,44 @@ def test_compressor_table():
   assert isinstance(c, compressors.identity().__class__)
   with pytest.raises(ValueError, match="unknown compressor"):
     make_compressor("zip9000")
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(workdir, rounds):
+  """Run `python -m experiments.run` on the quickstart config; returns the completed process."""
+  env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--config=experiments/configs/quickstart.py",
+       f"--workdir={workdir}", f"--config.rounds={rounds}"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_cli_entry_point_writes_metrics_and_resumes(tmp_path):
+  """The absl CLI runs the config's rounds; a second call on the workdir continues from the
+  checkpoint (the first rounds' rows are kept, not recomputed)."""
+  workdir = tmp_path / "run"
+  out = _cli(workdir, 2)
+  assert "done: 2 rounds" in out.stdout
+  path = workdir / "metrics.jsonl"
+  rows = [json.loads(line) for line in open(path)]
+  assert [r["round"] for r in rows] == [1, 2]
+  for r in rows:
+    assert isinstance(r["up_bits"], int) and isinstance(r["down_bits"], int)
+    assert r["up_bits"] > 0 and r["down_bits"] > 0 and r["clients"] == 10
+  assert rows[1]["cum_up_bits"] == rows[0]["up_bits"] + rows[1]["up_bits"]
+  assert json.load(open(workdir / "config.json"))["rounds"] == 2
+  # Mark the stored rows: a run that redid rounds 1-2 would overwrite the marks.
+  for r in rows:
+    r["loss"] = -1.0
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  out = _cli(workdir, 3)
+  assert "done: 3 rounds" in out.stdout
+  resumed = [json.loads(line) for line in open(path)]
+  assert [r["round"] for r in resumed] == [1, 2, 3]
+  assert resumed[:2] == rows  # kept as stored
+  assert resumed[2]["loss"] > 0 and isinstance(resumed[2]["up_bits"], int)
+  assert resumed[2]["cum_up_bits"] == rows[1]["cum_up_bits"] + resumed[2]["up_bits"]
