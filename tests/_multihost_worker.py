@@ -1,16 +1,17 @@
-"""One process of tests/test_multihost.py: a sharded federated round over two CPU processes."""
+"""One process of tests/test_multihost.py: a sharded federated round over two CPU processes.
+
+Importing this module has no side effects (pytest's --doctest-modules imports it): the device
+count and collectives are set in `main`, before the backend starts.
+"""
 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-
-import jax  # noqa: E402
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
 
 def main(port: int, pid: int, out: str) -> None:
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
