@@ -30,6 +30,15 @@ from fedjax_compress._src.base import Compressor
 from fedjax_compress.compressors import per_bit_accuracy
 
 
+def format_bits(n: int) -> str:
+  """`n` bits with an SI prefix and 3 significant digits (progress bar): `12.3 kbit`."""
+  value, units = float(n), ["bit", "kbit", "Mbit", "Gbit", "Tbit", "Pbit"]
+  unit = 0
+  while abs(value) >= 999.5 and unit < len(units) - 1:
+    value, unit = value / 1000, unit + 1
+  return f"{value:.3g} {units[unit]}"
+
+
 def _plain(x: Any) -> Any:
   """ConfigDict / nested mappings -> plain dicts."""
   return x.to_dict() if hasattr(x, "to_dict") else (dict(x) if x is not None else {})
@@ -158,7 +167,7 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
       rows.append(row)
       state = new_state  # committed: state.round == r + 1 == rows[-1]['round']
       bar.update(1)
-      bar.set_postfix(loss=f"{row['loss']:.3f}", acc=row["accuracy"], Mbit=cum_up // 10**6)
+      bar.set_postfix(loss=f"{row['loss']:.3f}", acc=row["accuracy"], up=format_bits(cum_up))
       if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.rounds:
         ckpt.save(r + 1, state)
       if callback is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
+import numpy as np
 from flax import struct
 
 PyTree = Any
@@ -38,6 +39,19 @@ class Keys(NamedTuple):
   private: PRNGKey
 
 
+MAX_WIDTH = 64
+"""Widest element of a wire field (the widest NumPy scalar, uint64/float64)."""
+
+
+def check_width(width: Any) -> int:
+  """Return `width` as int, or raise `ValueError` unless it is an int in `[1, MAX_WIDTH]`."""
+  if isinstance(width, bool) or not isinstance(width, (int, np.integer)):
+    raise ValueError(f"Field width must be an int number of bits per element, got {width!r}")
+  if not 1 <= width <= MAX_WIDTH:
+    raise ValueError(f"Field width must be in [1, {MAX_WIDTH}] bits, got {width}")
+  return int(width)
+
+
 @struct.dataclass
 class Field:
   """One wire field of a message.
@@ -46,11 +60,23 @@ class Field:
   the wire. `count` (int32 scalar or None) makes the field variable-length: only the
   first `count` elements of `data.ravel()` are sent, preceded by a length header of
   `length_bits(data.size)` bits, which `bits.count` bills as well.
+
+  `width` must be an int in `[1, MAX_WIDTH]`; it is checked here, once, so every bit
+  accounting path (`bits.count`, `wire.total_bits`, `wire.pack`) sees valid widths.
+  `source` (static, never sent, no bits) is set by `layout.stamp` in encoders whose
+  payload does not show the shapes it was encoded from (`flattened`, `sign_sgd`, ...): a
+  tuple of `layout.signature(updates)`, one per stamping layer, innermost first; each
+  layer's decode checks `like` against its entry (`layout.unstamp`), so a template of
+  another structure or shape raises `ValueError` instead of decoding wrongly.
   """
 
   data: jax.Array
   width: int = struct.field(pytree_node=False)
   count: Optional[jax.Array] = None
+  source: Optional[tuple] = struct.field(pytree_node=False, default=None, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "width", check_width(self.width))
 
 
 class InitFn(Protocol):

@@ -2,10 +2,11 @@
 
 The cost of a message is `sum over Field leaves of  width * n + header`, where `n` is the
 field's element count (`count` for variable-length fields, else `data.size`) and
-`header = length_bits(data.size)` for variable-length fields only. Each field's bits
-are an int32 computed in the graph; totals over rounds and clients are summed on the
-host in Python ints (`wire.total_bits`), because float32 is exact only to 2^24 and int32
-overflows above ~67M float32 parameters.
+`header = length_bits(data.size)` for variable-length fields only. Each message's bits
+are an int32 computed in the graph, guarded statically (`check_int32`) so that neither a
+field nor the sum over a message's fields can wrap. Totals over rounds and clients are
+summed on the host in Python ints (`wire.total_bits`), because float32 is exact only to
+2^24 and int32 overflows above ~67M float32 parameters.
 """
 
 from __future__ import annotations
@@ -53,13 +54,29 @@ def _message_size(field: Field, batch_dims: int) -> int:
   return int(np.prod(shape[batch_dims:], dtype=np.int64))
 
 
+def check_int32(max_bits: int, what: str, hint: str) -> None:
+  """Raise `ValueError` unless a static bound on an in-graph int32 bit count is `< 2^31`.
+
+  The one guard of int32 accounting (fields, whole messages, the dense downlink); bounds
+  are Python ints from static shapes and widths, so it runs at trace time.
+  """
+  if max_bits >= _INT32_LIMIT:
+    raise ValueError(f"{what} does not fit int32 bit accounting ({max_bits} >= 2**31 "
+                     f"bits); {hint}")
+
+
+def max_field_bits(field: Field, batch_dims: int = 0) -> int:
+  """Static bound of one field's bits: `size * width`, plus `length_bits(size)` if variable."""
+  size = _message_size(field, batch_dims)
+  return size * field.width + (0 if field.count is None else length_bits(size))
+
+
 def field_bits(field: Field, batch_dims: int = 0) -> jax.Array:
   """int32 bits of one field (shape = the leading `batch_dims` dims of its data)."""
   size = _message_size(field, batch_dims)
-  if size * field.width + length_bits(size) >= _INT32_LIMIT:
-    raise ValueError(
-        f"a field of {size} elements x {field.width} bits does not fit int32 "
-        "bit accounting; split it into several smaller fields (e.g. blocks)")
+  check_int32(max_field_bits(field, batch_dims),
+              f"a field of {size} elements x {field.width} bits",
+              "split it into several smaller fields (e.g. blocks)")
   batch_shape = np.shape(field.data)[:batch_dims]
   if field.count is None:
     return jnp.full(batch_shape, size * field.width, jnp.int32)
@@ -68,9 +85,18 @@ def field_bits(field: Field, batch_dims: int = 0) -> jax.Array:
 
 
 def count(payload: Any, batch_dims: int = 0) -> jax.Array:
-  """Exact int32 bits of a message; with `batch_dims`, one count per leading index."""
+  """Exact int32 bits of a message; with `batch_dims`, one count per leading index.
+
+  Raises `ValueError` at trace time if `sum_fields max_field_bits >= 2^31`, so the int32
+  sum over fields can never wrap (`wire.total_bits` counts any size on the host).
+  """
+  fs = fields(payload)
+  check_int32(sum(max_field_bits(f, batch_dims) for f in fs),
+              f"a message of {len(fs)} fields",
+              "compress it more or send the model as several messages (e.g. per layer); "
+              "wire.total_bits counts messages of any size exactly on the host")
   total = None
-  for f in fields(payload):
+  for f in fs:
     b = field_bits(f, batch_dims)
     total = b if total is None else total + b
   if total is None:

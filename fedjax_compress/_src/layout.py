@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_compress._src.base import Field
+
 
 def ravel(tree: Any, dtype=jnp.float32) -> jax.Array:
   """Concatenate all leaves (pytree order) into one vector of `dtype`."""
@@ -17,8 +19,69 @@ def ravel(tree: Any, dtype=jnp.float32) -> jax.Array:
   return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
 
 
+Signature = tuple[Any, tuple[tuple[int, ...], ...]]
+"""Static `(treedef, leaf shapes)` of a pytree: what a decode template must match."""
+
+
+def signature(tree: Any, batch_dims: int = 0) -> Signature:
+  """`(treedef, shapes)` of `tree`, `Field` leaves as leaves, dropping `batch_dims` leading dims.
+
+  Static (from shapes only), so it works on tracers; inside `vmap` shapes are per client.
+  """
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, Field))
+  shapes = tuple(tuple(int(n) for n in np.shape(x.data if isinstance(x, Field) else x))
+                 [batch_dims:] for x in leaves)
+  return treedef, shapes
+
+
+def check_matches(tree: Any, expected: Signature, what: str) -> None:
+  """Raise `ValueError` (naming expected vs got) unless `tree` has the `expected` signature."""
+  treedef, shapes = signature(tree)
+  if treedef != expected[0]:
+    raise ValueError(f"{what}: pytree structure mismatch, expected {expected[0]}, got {treedef}")
+  if shapes != expected[1]:
+    paths = [jax.tree_util.keystr(p) or "<root>"
+             for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    diffs = "; ".join(f"{p}: expected {e}, got {g}"
+                      for p, e, g in zip(paths, expected[1], shapes) if e != g)
+    raise ValueError(f"{what}: leaf shape mismatch ({diffs})")
+
+
+def stamp(payload: Any, updates: Any) -> Any:
+  """`payload` with `signature(updates)` appended to every `Field.source` (static, no bits).
+
+  For encoders whose payload does not reveal the encoded shapes; their decoders call
+  `unstamp`. Inside `vmap` the per-client shapes are recorded.
+  """
+  source = signature(updates)
+  return jax.tree.map(
+      lambda f: f.replace(source=(f.source or ()) + (source,)) if isinstance(f, Field) else f,
+      payload, is_leaf=lambda x: isinstance(x, Field))
+
+
+def unstamp(payload: Any, like: Any,
+            what: str = "decode: `like` vs the encoded updates") -> Any:
+  """Check `like` against the payload's last `source` entry; return the payload without it.
+
+  Static (trace time), so it works under `jit`/`vmap`. A batched payload (`aggregate`)
+  carries per-client signatures, compared with the unbatched `like`. Payloads without a
+  `source` (built by hand, or by encoders that do not stamp) are returned unchecked.
+  """
+  fs = [f for f in jax.tree.leaves(payload, is_leaf=lambda x: isinstance(x, Field))
+        if isinstance(f, Field) and f.source]
+  for source in {f.source[-1] for f in fs}:
+    check_matches(like, source, what)
+  return jax.tree.map(
+      lambda f: f.replace(source=f.source[:-1] or None)
+      if isinstance(f, Field) and f.source else f,
+      payload, is_leaf=lambda x: isinstance(x, Field))
+
+
 def unraveler(like: Any) -> Callable[[jax.Array], Any]:
-  """Function mapping a flat vector back to `like`'s structure, shapes and dtypes."""
+  """Function mapping a flat vector back to `like`'s structure, shapes and dtypes.
+
+  Raises `ValueError` (statically) when the vector's length is not `like`'s size.
+  """
   leaves, treedef = jax.tree.flatten(like)
   shapes = [np.shape(x) for x in leaves]
   dtypes = [x.dtype for x in leaves]
@@ -26,6 +89,9 @@ def unraveler(like: Any) -> Callable[[jax.Array], Any]:
   offsets = np.cumsum([0] + sizes)
 
   def unravel_fn(vec: jax.Array) -> Any:
+    if np.shape(vec) != (int(offsets[-1]),):
+      raise ValueError(f"unravel: expected a vector of shape ({int(offsets[-1])},) for a "
+                       f"template of leaf shapes {shapes}, got shape {np.shape(vec)}")
     parts = [vec[o:o + n].reshape(s).astype(d)
              for o, n, s, d in zip(offsets[:-1], sizes, shapes, dtypes)]
     return jax.tree.unflatten(treedef, parts)

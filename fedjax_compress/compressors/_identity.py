@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_compress._src import checks
+from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, EmptyState, Field, stateless_init
+
+_WHAT = "identity decode: `like` vs the payload (the encoded updates)"
 
 
 def identity() -> Compressor:
@@ -28,6 +30,7 @@ def identity() -> Compressor:
 
   def decode_fn(payload, state, keys, like):
     del keys
+    layout.check_matches(like, layout.signature(payload), _WHAT)
     leaves = jax.tree.leaves(payload, is_leaf=lambda x: isinstance(x, Field))
     return jax.tree.unflatten(jax.tree.structure(like),
                               [f.data.astype(l.dtype) for f, l in
@@ -35,6 +38,7 @@ def identity() -> Compressor:
 
   def aggregate_fn(payloads, weights, keys, like):
     del keys
+    layout.check_matches(like, layout.signature(payloads, batch_dims=1), _WHAT)
     leaves = jax.tree.leaves(payloads, is_leaf=lambda x: isinstance(x, Field))
     out = [jnp.tensordot(weights.astype(jnp.float32), f.data.astype(jnp.float32),
                          axes=1).astype(l.dtype)

@@ -45,8 +45,8 @@ def _gate(payload: Any, full: jax.Array) -> Any:
 
   def gate(f: Field) -> Field:
     n = f.data.size if f.count is None else f.count
-    return Field(jnp.where(full, f.data, jnp.zeros_like(f.data)), f.width,
-                 jnp.where(full, jnp.asarray(n, jnp.int32), jnp.int32(0)))
+    return f.replace(data=jnp.where(full, f.data, jnp.zeros_like(f.data)),
+                     count=jnp.where(full, jnp.asarray(n, jnp.int32), jnp.int32(0)))
 
   return jax.tree.map(gate, payload, is_leaf=_bits.is_field)
 
@@ -156,10 +156,11 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
       mirrors.append(_select(full, mirror, state.mirror[i]))
       lbgs.append(_select(full, g, state.lbg[i]))
       has.append(state.has_lbg[i] | full)
-    return tuple(msgs), LBGMSenderState(tuple(senders), tuple(mirrors), tuple(lbgs),
-                                        jnp.stack(has))
+    return layout.stamp(tuple(msgs), updates), LBGMSenderState(
+        tuple(senders), tuple(mirrors), tuple(lbgs), jnp.stack(has))
 
   def decode_fn(payload, state, keys, like):
+    payload = layout.unstamp(payload, like)
     ls = units(like)
     outs, receivers, lbgs, has = [], [], [], []
     for i, l in enumerate(ls):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_compress._src import checks
+from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, EmptyState, Field
 
 
@@ -108,7 +108,7 @@ def power_sgd(rank: int, *, min_compression_rate: float = 2.0, seed: int = 0) ->
       q_new = mat.T @ p
       msgs.append({"p": Field(p, 32), "q": Field(q_new, 32)})
       qs.append(q_new)
-    return tuple(msgs), PowerSGDState(tuple(qs))
+    return layout.stamp(tuple(msgs), updates), PowerSGDState(tuple(qs))
 
   def _leaf(msg, like):
     if "raw" in msg:
@@ -117,12 +117,14 @@ def power_sgd(rank: int, *, min_compression_rate: float = 2.0, seed: int = 0) ->
 
   def decode_fn(payload, state, keys, like):
     del keys
+    payload = layout.unstamp(payload, like)
     treedef = jax.tree.structure(like)
     out = [_leaf(m, l) for m, l in zip(payload, jax.tree.leaves(like))]
     return jax.tree.unflatten(treedef, out), state
 
   def aggregate_fn(payloads, weights, keys, like):
     del keys
+    payloads = layout.unstamp(payloads, like)
     w = weights.astype(jnp.float32)
     out = []
     for msg, l in zip(payloads, jax.tree.leaves(like)):

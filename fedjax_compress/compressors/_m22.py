@@ -407,7 +407,7 @@ def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
   def encode_fn(updates, state, keys, params=None):
     del keys, params
     checks.check_finite(updates)
-    return encode_core(updates), state
+    return layout.stamp(encode_core(updates), updates), state
 
   @jax.jit  # one compilation per model structure; also makes eager use fast
   def encode_core(updates):
@@ -448,6 +448,7 @@ def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
 
   def decode_fn(payload, state, keys, like):
     del keys
+    payload = layout.unstamp(payload, like)
     return decode_core(payload, like), state  # only like's shapes/dtypes are used
 
   @jax.jit

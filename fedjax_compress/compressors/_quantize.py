@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fedjax_compress._src import checks
+from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
 from fedjax_compress._src.combinators import flattened
 
@@ -90,10 +90,11 @@ def sign_sgd(*, scaled: bool = False) -> Compressor:
         out["scale"] = Field(jnp.mean(jnp.abs(x)).reshape(1), 32)
       return out
 
-    return jax.tree.map(leaf, updates), state
+    return layout.stamp(jax.tree.map(leaf, updates), updates), state
 
   def decode_fn(payload, state, keys, like):
     del keys
+    payload = layout.unstamp(payload, like)
 
     def leaf(msg, l):
       s = jnp.where(msg["sign"].data, 1.0, -1.0)

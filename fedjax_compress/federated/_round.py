@@ -108,6 +108,25 @@ def build_client_update(loss_fn: LossFn, client_tx: optax.GradientTransformation
   return client_fn
 
 
+def _check_ids(ids: Any, num_clients: int) -> None:
+  """Host-side range check of concrete ids: `0 <= ids < num_clients` (0: stateless, unknown).
+
+  Traced ids (inside `jit`) cannot be checked and keep the unchecked behaviour: the gather
+  clips them into range and the scatter drops ids `>= num_clients` but wraps negative
+  ones, so an id `>= num_clients` trains on the last client's state and is not written
+  back, and `-1` reads client 0's state and overwrites the last client's.
+  """
+  if not checks.is_concrete(ids):
+    return
+  ids = np.asarray(ids)
+  bad = ids[(ids < 0) | (ids >= num_clients)] if num_clients else ids[ids < 0]
+  if bad.size:
+    bound = f"[0, {num_clients})" if num_clients else "[0, num_clients)"
+    raise ValueError(f"cohort.ids {sorted(set(bad.tolist()))} are outside {bound}, the "
+                     "clients of the server state; they would silently use another "
+                     "client's state")
+
+
 def _check_cohort(cohort: Cohort, local_steps: int) -> None:
   c = np.shape(cohort.ids)
   if len(c) != 1:
@@ -145,6 +164,11 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   of one minibatch. Jit the result (`jax.jit(round_fn, donate_argnums=0)`); it retraces only
   when shapes change (cohort size, steps, batch size).
 
+  `cohort.ids` must lie in `[0, num_clients)`. Called eagerly (concrete ids) `round_fn`
+  raises `ValueError` otherwise; under `jit` the ids are traced and unchecked, and an
+  out-of-range id silently reads (clipped) and writes (dropped, or wrapped if negative)
+  other clients' states, so build cohorts on the host with `sample_cohort` or check them.
+
   >>> import jax, jax.numpy as jnp, optax
   >>> from fedjax_compress import compressors, federated
   >>> loss = lambda p, b, m, k: jnp.sum(m * (b['x'] @ p['w'] - b['y'])**2) / jnp.sum(m)
@@ -166,9 +190,10 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
 
   def round_fn(state: ServerState, cohort: Cohort, seed_key) -> tuple[ServerState, RoundMetrics]:
     _check_cohort(cohort, local_steps)
+    num_clients = _num_clients(state)
+    _check_ids(cohort.ids, num_clients)
     seed_key = _keys.as_key(seed_key)
     ids = jnp.asarray(cohort.ids, jnp.int32)
-    num_clients = _num_clients(state)
     present = jnp.asarray(cohort.weight) > 0
 
     # Downlink: one broadcast message per round, billed to every participant.
@@ -187,8 +212,7 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     else:
       start = state.params
       dense = _bits.dense_bits(state.params)
-      if dense >= 2**31:
-        raise ValueError("dense model exceeds int32 bit accounting; use a downlink compressor")
+      _bits.check_int32(dense, "the dense model broadcast", "use a downlink compressor")
       dbits = jnp.asarray(dense, jnp.int32)
 
     # Clients: gather states, train, encode.

@@ -29,8 +29,7 @@ def _int_range(dtype: np.dtype, width: int) -> tuple[int, int]:
 
 
 def _check_width(dtype: np.dtype, width: int) -> None:
-  if not isinstance(width, int) or width < 1 or width > 64:
-    raise ValueError(f"field width must be an int in [1, 64], got {width!r}")
+  """Width against the dtype (`Field` itself guarantees an int in [1, 64])."""
   if dtype == np.bool_:
     return
   if np.issubdtype(dtype, np.integer):
@@ -177,7 +176,7 @@ def unpack(data: bytes, template: Any) -> Any:
     vals = _from_unsigned(reader.read(n, f.width), dtype, f.width)
     flat = np.zeros(size, dtype)
     flat[:n] = vals
-    out.append(Field(flat.reshape(shape), f.width, count))
+    out.append(Field(flat.reshape(shape), f.width, count, f.source))
   expected = math.ceil(reader.pos / 8)
   if len(data) != expected:
     raise ValueError(
