@@ -1,7 +1,9 @@
 """IGC experiment (spec ALGORITHMS_IGC_LBGM.md 4.1, shape of the claim): a `d` sweep.
 
 Static IGC (uplink `intrinsic_static`, downlink `intrinsic_static_downlink`: `32 d` bits each
-way) and time-varying IGC (`32 d` up, dense `32 D` down) for several intrinsic dimensions `d`,
+way), K-subspace IGC (`intrinsic_k_subspace` with the random schedule, downlink
+`intrinsic_k_subspace_downlink`: `32 d` up, `32 min(K d, D)` down) and time-varying IGC
+(`32 d` up, dense `32 D` down) for several intrinsic dimensions `d`,
 against uncompressed FedAvg and top-k + EF / count sketch (FetchSGD-style) at about the
 uplink of `d = 128`. Each IGC run is repeated with the server lr multiplied by `D/d`
 (`--no-rescale` skips these): `V V^T g` keeps about `d/D` of `g`, so at the same lr the
@@ -31,8 +33,10 @@ def base_config(rounds: int, hidden: int, seed: int) -> Any:
   return c
 
 
-def variants(ds: Sequence[int], num_params: int, rescale: bool) -> list[Variant]:
-  """Uncompressed, static / time-varying IGC per `d` (and with server lr D/d), top-k, sketch.
+def variants(ds: Sequence[int], num_params: int, rescale: bool,
+             num_subspaces: int = 4) -> list[Variant]:
+  """Uncompressed, static / K-subspace / time-varying IGC per `d` (and with server lr D/d),
+  top-k, sketch (`num_subspaces=0` drops the K-subspace rows).
 
   `V V^T g` keeps about `d/D` of `g`'s energy, so at the same server lr IGC takes ~`d/D`-times
   smaller steps; the `lr x D/d` variants undo that shrinkage (as random-k's rescaling does).
@@ -48,6 +52,12 @@ def variants(ds: Sequence[int], num_params: int, rescale: bool) -> list[Variant]
       out.append(Variant(f"static d={d}{tag}", "intrinsic_static", {"d": d, "seed": 0},
                          downlink="intrinsic_static_downlink",
                          downlink_kwargs={"d": d, "seed": 0}, overrides=over))
+      if num_subspaces:
+        k_kw = {"d": d, "num_subspaces": num_subspaces, "seed": 0}
+        out.append(Variant(f"K-subspace K={num_subspaces} d={d}{tag}", "intrinsic_k_subspace",
+                           dict(k_kw, schedule="random"),
+                           downlink="intrinsic_k_subspace_downlink", downlink_kwargs=k_kw,
+                           overrides=over))
       out.append(Variant(f"time-varying d={d}{tag}", "intrinsic_time_varying", {"d": d},
                          overrides=over))
   k = max(1, round(32 * 128 / 44))  # ~uplink of d=128: 32-bit value + ~12-bit index each
@@ -74,11 +84,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--ds", default="32,128,512")
   p.add_argument("--target", type=float, default=0.95)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--num_subspaces", type=int, default=4, help="K of K-subspace IGC (0: skip)")
   p.add_argument("--no-rescale", action="store_true", help="skip the server lr x D/d variants")
   a = p.parse_args(argv)
   base = base_config(a.rounds, a.hidden, a.seed)
   num_params = 60 * a.hidden + a.hidden + a.hidden * 10 + 10  # synthetic dim 60, 10 classes
-  vs = variants([int(d) for d in a.ds.split(",")], num_params, not a.no_rescale)
+  vs = variants([int(d) for d in a.ds.split(",")], num_params, not a.no_rescale,
+                a.num_subspaces)
   summaries, runs = sweep.run_variants(base, vs, a.workdir)
   ref = next(s for s in summaries if s["method"] == "uncompressed")
   target = a.target * ref["best_acc"]
