@@ -1,5 +1,6 @@
 """Models: losses/accuracy vs NumPy float64, shapes, finiteness, gradients."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +96,36 @@ def test_resnet_shapes_without_compiling():
 def test_create_rejects_unknown_name():
   with pytest.raises(ValueError, match="unknown model"):
     models.create("transformer9000", 3)
+
+
+@pytest.mark.parametrize("k,padding", [(5, "VALID"), (3, "SAME"), (4, "SAME"), (2, "VALID")])
+def test_im2col_cnn_has_the_same_params_and_outputs_as_xla_convs(k, padding):
+  x = np.random.default_rng(3).normal(size=(2, 16, 16, 2)).astype(np.float32)
+  kw = dict(features=(3, 4), dense=6, kernel_size=k, padding=padding)
+  ref, fast = models.CNN(5, **kw), models.CNN(5, conv_impl="im2col", **kw)
+  p_ref, p_fast = models.init_params(ref, x, 7), models.init_params(fast, x, 7)
+  chex.assert_trees_all_equal(p_ref, p_fast)  # same names, shapes and initial values
+  assert p_ref["Conv_1"]["kernel"].shape == (k, k, 3, 4)
+  np.testing.assert_allclose(np.asarray(fast.apply({"params": p_ref}, x)),
+                             np.asarray(ref.apply({"params": p_ref}, x)), rtol=1e-5, atol=1e-5)
+  # a single PatchConv against lax.conv_general_dilated (highest precision), with a bias
+  w = np.random.default_rng(4).normal(size=(k, k, 2, 3)).astype(np.float32)
+  y = models.PatchConv(3, k, padding).apply({"params": {"kernel": w, "bias": np.ones(3)}}, x)
+  want = jax.lax.conv_general_dilated(x, w, (1, 1), padding, precision="highest",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + 1.0
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_lbgm_paper_cnn_has_431080_params():
+  m = models.CNN(10, features=(20, 50), dense=500, kernel_size=5, padding="VALID")
+  p = jax.eval_shape(lambda x: models.init_params(m, x),
+                     jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+  assert sum(int(np.prod(l.shape)) for l in jax.tree.leaves(p)) == 431_080  # spec 3.5 / 3.6
+
+
+def test_cnn_rejects_unknown_conv_impl_and_padding():
+  x = np.zeros((1, 6, 6, 1), np.float32)
+  with pytest.raises(ValueError, match="conv_impl"):
+    models.init_params(models.CNN(2, features=(2,), dense=2, conv_impl="fft"), x)
+  with pytest.raises(ValueError, match="padding"):
+    models.init_params(models.PatchConv(2, 3, "CIRCULAR"), x)

@@ -5,6 +5,9 @@ Public API:
     num_classes, name='')`.
   - `synthetic(alpha, beta, num_clients=30, *, dim=60, num_classes=10, samples_per_client=100,
     size_sigma=0.5, test_fraction=0.2, iid=False, seed=0) -> FederatedData`.
+  - `synthetic_images(num_train, num_test=1000, *, image_size=28, num_classes=10,
+    prototypes=3, strokes=3, max_shift=2, noise=0.3, seed=0) -> (train, test)` arrays of
+    MNIST-shaped stroke images (centralized; split them with a partition).
   - `partition_iid(num_examples, num_clients, seed=0)`,
     `partition_dirichlet(labels, num_clients, alpha, seed=0)` -> list of index arrays.
   - `load_tfds(name, *, data_dir=None, num_clients=100, partition='dirichlet', alpha=0.5,
@@ -13,8 +16,9 @@ Public API:
 
 from fedjax_compress.data._dataset import FederatedData, from_partition
 from fedjax_compress.data._partition import partition_dirichlet, partition_iid
-from fedjax_compress.data._synthetic import synthetic
+from fedjax_compress.data._synthetic import synthetic, synthetic_images
 from fedjax_compress.data._tfds import char_sequences, load_tfds, split_by_role
 
-__all__ = ["FederatedData", "from_partition", "synthetic", "partition_iid",
-           "partition_dirichlet", "load_tfds", "split_by_role", "char_sequences"]
+__all__ = ["FederatedData", "from_partition", "synthetic", "synthetic_images",
+           "partition_iid", "partition_dirichlet", "load_tfds", "split_by_role",
+           "char_sequences"]

@@ -2,7 +2,9 @@
 
 Public API:
   - `LogisticRegression(num_classes)`, `MLP(num_classes, hidden=(200, 200))`,
-    `CNN(num_classes, features=(32, 64), dense=512)`,
+    `CNN(num_classes, features=(32, 64), dense=512, kernel_size=3, padding='SAME',
+    conv_impl='xla')` (the LBGM paper's CNN: `features=(20, 50), dense=500, kernel_size=5,
+    padding='VALID'`), `PatchConv(features, kernel_size=3, padding='SAME')` (im2col conv),
     `ResNet(num_classes, stage_sizes=(1, 1, 1), width=16, groups=4)` (GroupNorm),
     `CharLM(vocab_size, embed=8, hidden=128)` (GRU).
   - `create(name, num_classes, **kwargs)`, `init_params(model, example_x, key=0)`.
@@ -11,9 +13,9 @@ Public API:
     `evaluate(model, params, data, batch_size=1024) -> {'loss', 'accuracy'}`.
 """
 
-from fedjax_compress.models._models import (CNN, MLP, CharLM, LogisticRegression, ResNet,
-                                            accuracy, classification_loss, create, evaluate,
-                                            init_params)
+from fedjax_compress.models._models import (CNN, MLP, CharLM, LogisticRegression, PatchConv,
+                                            ResNet, accuracy, classification_loss, create,
+                                            evaluate, init_params)
 
-__all__ = ["LogisticRegression", "MLP", "CNN", "ResNet", "CharLM", "create", "init_params",
-           "classification_loss", "accuracy", "evaluate"]
+__all__ = ["LogisticRegression", "MLP", "CNN", "PatchConv", "ResNet", "CharLM", "create",
+           "init_params", "classification_loss", "accuracy", "evaluate"]
