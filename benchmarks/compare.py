@@ -269,11 +269,18 @@ def summarize(label: str, note: str, rows: Sequence[dict], seconds: float) -> di
               run_seconds=round(seconds, 1))
 
 
-def add_relative(table: list[dict], runs: dict[str, list[dict]]) -> None:
-  """Compression ratio, accuracy at the common uplink budget and time ratio vs identity."""
+def add_relative(table: list[dict], runs: dict[str, list[dict]],
+                 budget_bits: Optional[int] = None) -> None:
+  """Compression ratio, accuracy at the common uplink budget and time ratio vs identity.
+
+  The budget is `budget_bits`, or by default the smallest total uplink among the methods
+  (every method's accuracy is then read at a point all of them reached).
+  """
   ok = [t for t in table if t.get("error") is None]
   ident = next((t for t in ok if t["compressor"] == "identity"), None)
-  budget = min((t["up_bits"] for t in ok), default=0)
+  if budget_bits is not None and budget_bits <= 0:
+    raise ValueError(f"budget_bits must be positive, got {budget_bits}")
+  budget = budget_bits if budget_bits is not None else min((t["up_bits"] for t in ok), default=0)
   for t in table:
     if t.get("error") is not None:
       continue
@@ -343,12 +350,12 @@ def plot(runs: dict[str, list[dict]], out: str) -> None:
 
 
 def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 5,
-            progress: bool = False) -> list[dict]:
+            progress: bool = False, budget_bits: Optional[int] = None) -> list[dict]:
   """Run every method (failures are recorded, not raised); write tables and plots."""
   os.makedirs(out, exist_ok=True)
   with cached_datasets():
     table, runs = _run_methods(methods, base, out, time_reps, progress)
-  add_relative(table, runs)
+  add_relative(table, runs, budget_bits)
   write_tables(table, out)
   plot(runs, out)
   with open(os.path.join(out, "results.json"), "w") as f:
@@ -411,6 +418,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--methods", default="", help="comma-separated labels (default: all)")
   p.add_argument("--time-reps", type=int, default=5)
+  p.add_argument("--budget_bits", type=float, default=None,
+                 help="common uplink budget for the 'acc @ budget' column (default: the "
+                      "smallest total uplink among the methods)")
   return p.parse_args(argv)
 
 
@@ -434,7 +444,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
       if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; have {[m.label for m in methods]}")
       methods = [m for m in methods if m.label in want]
-    table = run_all(methods, base, a.out, time_reps=a.time_reps)
+    budget = None if a.budget_bits is None else int(a.budget_bits)
+    table = run_all(methods, base, a.out, time_reps=a.time_reps, budget_bits=budget)
   print(open(os.path.join(a.out, "results.md")).read())
   print(f"total {time.time() - t0:.0f}s; wrote {a.out}")
   return table

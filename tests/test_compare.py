@@ -58,6 +58,19 @@ def test_compare_tables_match_metric_rows(tmp_path):
     assert math.isfinite(t["time_ratio"]) and t["time_ratio"] > 0
     assert float(csv_rows[t["compressor"]]["codec_seconds"]) == pytest.approx(t["codec_seconds"])
   assert ident["time_ratio"] == 1.0
+  # an explicit budget: accuracy of the last round whose cumulative uplink fits it
+  runs = {}
+  for t in table:
+    with open(os.path.join(out, "runs", t["compressor"], "metrics.jsonl")) as f:
+      runs[t["compressor"]] = [json.loads(line) for line in f]
+  budget = ident["up_bits"] * 2 // 3  # identity fits 2 of its 3 rounds
+  cmp.add_relative(table, runs, budget)
+  assert ident["acc_at_budget"] == runs["identity"][1]["accuracy"]
+  for t in table:
+    fit = [r for r in runs[t["compressor"]] if r["cum_up_bits"] <= budget]
+    assert t["budget_bits"] == budget and t["acc_at_budget"] == fit[-1]["accuracy"]
+  with pytest.raises(ValueError, match="budget_bits"):
+    cmp.add_relative(table, runs, 0)
 
 
 def test_default_methods_cover_every_family_with_their_schedules():
