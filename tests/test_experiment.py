@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from experiments.common import final_state, make_compressor, run_experiment
+from experiments.common import final_state, make_compressor, run_experiment, runner
 from experiments.configs import quickstart
-from fedjax_compress import compressors
+from fedjax_compress import compressors, federated, models
 
 
 def small_config(**over):
@@ -164,3 +166,33 @@ def test_cli_entry_point_writes_metrics_and_resumes(tmp_path):
   assert resumed[:2] == rows  # kept as stored
   assert resumed[2]["loss"] > 0 and isinstance(resumed[2]["up_bits"], int)
   assert resumed[2]["cum_up_bits"] == rows[1]["cum_up_bits"] + resumed[2]["up_bits"]
+
+
+def test_cpu_cnn_trains_with_im2col_and_matches_xla_convs():
+  """`training_model` swaps in im2col convs on CPU; a round trains exactly as with nn.Conv."""
+  kw = {"features": (4,), "dense": 8}
+  fast = runner.training_model("cnn", 3, kw)
+  assert fast.conv_impl == ("im2col" if jax.default_backend() == "cpu" else "xla")
+  assert runner.training_model("cnn", 3, dict(kw, conv_impl="xla")).conv_impl == "xla"
+  assert runner.training_model("mlp", 3, {}) == models.create("mlp", 3)
+  slow = models.create("cnn", 3, conv_impl="xla", **kw)
+  rng = np.random.default_rng(0)
+  c, steps, b = 3, 2, 4
+  cohort = federated.Cohort(
+      ids=np.arange(c, dtype=np.int32),
+      batches={"x": rng.random((c, steps, b, 8, 8, 1)).astype(np.float32),
+               "y": rng.integers(0, 3, (c, steps, b)).astype(np.int32)},
+      mask=np.ones((c, steps, b), bool), weight=np.ones(c, np.float32))
+  params = models.init_params(slow, jnp.zeros((1, 8, 8, 1)))
+  out = []
+  for m in (fast, slow):
+    rnd = jax.jit(federated.build_round(models.classification_loss(m), optax.sgd(0.5),
+                                        optax.sgd(1.0), compressors.identity(),
+                                        local_steps=steps))
+    state = federated.init_server_state(params, optax.sgd(1.0), compressors.identity(),
+                                        num_clients=c)
+    out.append(rnd(state, cohort, jax.random.key(0))[0].params)
+  for a, b_ in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-5)
+  assert not all(np.array_equal(np.asarray(a), np.asarray(p))
+                 for a, p in zip(jax.tree.leaves(out[0]), jax.tree.leaves(params)))
