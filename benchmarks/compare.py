@@ -26,7 +26,6 @@ datasets, the GRU char model on tiny_shakespeare). tfds datasets are never downl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import json
@@ -34,7 +33,7 @@ import os
 import shutil
 import time
 import traceback
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -171,29 +170,6 @@ def base_config(dataset: str, rounds: int, seed: int, *, model: Optional[str] = 
   return c
 
 
-@contextlib.contextmanager
-def cached_datasets() -> Iterator[None]:
-  """Within the block `runner.make_dataset` loads each distinct dataset config once."""
-  original = runner.make_dataset
-  if getattr(original, "cached", False):  # nested: the outer cache is in place
-    yield
-    return
-  cache: dict[str, fdata.FederatedData] = {}
-
-  def make(cfg: Any) -> fdata.FederatedData:
-    key = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), sort_keys=True)
-    if key not in cache:
-      cache[key] = original(cfg)
-    return cache[key]
-
-  make.cached = True
-  runner.make_dataset = make
-  try:
-    yield
-  finally:
-    runner.make_dataset = original
-
-
 def load_data(config: Any) -> fdata.FederatedData:
   """`config.dataset` loaded; a missing tfds package or dataset exits with what to do."""
   name = config.dataset.name
@@ -219,9 +195,9 @@ def method_config(base: Any, m: Method, num_clients: int, max_batch: int) -> Any
   return c
 
 
-def time_roundtrip(config: Any, reps: int) -> float:
+def time_roundtrip(config: Any, reps: int, data: Optional[fdata.FederatedData] = None) -> float:
   """Median seconds of one jitted, vmapped encode+decode of a cohort of random updates."""
-  exp = runner.build_experiment(config)
+  exp = runner.build_experiment(config, data)
   params, comp, n = exp.state.params, exp.uplink, config.cohort_size
   sender, receiver = comp.init(params)
   stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + jnp.shape(a)), t)  # noqa: E731
@@ -350,11 +326,14 @@ def plot(runs: dict[str, list[dict]], out: str) -> None:
 
 
 def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 5,
-            progress: bool = False, budget_bits: Optional[int] = None) -> list[dict]:
-  """Run every method (failures are recorded, not raised); write tables and plots."""
+            progress: bool = False, budget_bits: Optional[int] = None,
+            data: Optional[fdata.FederatedData] = None) -> list[dict]:
+  """Run every method (failures are recorded, not raised); write tables and plots.
+
+  The dataset is loaded once (`data`, or `load_data(base)`) and shared by every method.
+  """
   os.makedirs(out, exist_ok=True)
-  with cached_datasets():
-    table, runs = _run_methods(methods, base, out, time_reps, progress)
+  table, runs = _run_methods(methods, base, out, time_reps, progress, data)
   add_relative(table, runs, budget_bits)
   write_tables(table, out)
   plot(runs, out)
@@ -364,9 +343,11 @@ def run_all(methods: Sequence[Method], base: Any, out: str, *, time_reps: int = 
 
 
 def _run_methods(methods: Sequence[Method], base: Any, out: str, time_reps: int,
-                 progress: bool) -> tuple[list[dict], dict[str, list[dict]]]:
-  """Train and time every method; returns the table entries and the metric rows per label."""
-  data = load_data(base)
+                 progress: bool, data: Optional[fdata.FederatedData] = None
+                 ) -> tuple[list[dict], dict[str, list[dict]]]:
+  """Train and time every method on one loaded dataset; returns the table entries and the
+  metric rows per label."""
+  data = load_data(base) if data is None else data
   num_clients, max_batch = data.num_clients, int(data.client_sizes().max())
   table, runs = [], {}
   for m in methods:
@@ -375,9 +356,9 @@ def _run_methods(methods: Sequence[Method], base: Any, out: str, time_reps: int,
     run_dir = os.path.join(out, "runs", m.label)
     shutil.rmtree(run_dir, ignore_errors=True)  # fresh run: never resume a stale checkpoint
     try:
-      rows = runner.run_experiment(cfg, run_dir, progress=progress)
+      rows = runner.run_experiment(cfg, run_dir, progress=progress, data=data)
       entry = summarize(m.label, m.note, rows, time.time() - t0)
-      entry["codec_seconds"] = time_roundtrip(cfg, time_reps)
+      entry["codec_seconds"] = time_roundtrip(cfg, time_reps, data)
       runs[m.label] = rows
     except Exception as e:  # pylint: disable=broad-except
       tb = traceback.format_exc().strip().splitlines()
@@ -435,17 +416,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   except ValueError as e:
     raise SystemExit(str(e)) from e
   t0 = time.time()
-  with cached_datasets():
-    data = load_data(base)
-    methods = default_methods(data.num_clients, num_params(base, data))
-    if a.methods:
-      want = a.methods.split(",")
-      unknown = set(want) - {m.label for m in methods}
-      if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; have {[m.label for m in methods]}")
-      methods = [m for m in methods if m.label in want]
-    budget = None if a.budget_bits is None else int(a.budget_bits)
-    table = run_all(methods, base, a.out, time_reps=a.time_reps, budget_bits=budget)
+  data = load_data(base)
+  methods = default_methods(data.num_clients, num_params(base, data))
+  if a.methods:
+    want = a.methods.split(",")
+    unknown = set(want) - {m.label for m in methods}
+    if unknown:
+      raise SystemExit(f"unknown methods {sorted(unknown)}; have {[m.label for m in methods]}")
+    methods = [m for m in methods if m.label in want]
+  budget = None if a.budget_bits is None else int(a.budget_bits)
+  table = run_all(methods, base, a.out, time_reps=a.time_reps, budget_bits=budget, data=data)
   print(open(os.path.join(a.out, "results.md")).read())
   print(f"total {time.time() - t0:.0f}s; wrote {a.out}")
   return table

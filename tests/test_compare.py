@@ -131,7 +131,7 @@ def test_compare_on_tfds_images_uses_cnn_and_exact_bits(tmp_path, monkeypatch):
                     "--num_clients", "5", "--partition", "iid", "--rounds", "2",
                     "--methods", ",".join(wanted), "--time-reps", "1",
                     "--model_kwargs", '{"features": [4], "dense": 16}'])
-  # one train + one test load for the whole comparison (datasets are cached)
+  # one train + one test load for the whole comparison (loaded once, shared by all methods)
   assert sorted(c["split"] for c in calls) == ["test", "train"]
   assert all(c["name"] == "emnist" and c["data_dir"] == "/fake/tfds" and c["batch_size"] == -1
              and c["download"] is False for c in calls)

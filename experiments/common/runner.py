@@ -91,9 +91,12 @@ def training_model(name: str, num_classes: int, kwargs: dict) -> Any:
   return models.create(name, num_classes, **kwargs)
 
 
-def build_experiment(config: Any) -> Experiment:
-  """Dataset, model, compressors, jitted round and initial (sharded) server state."""
-  data = make_dataset(config.dataset)
+def build_experiment(config: Any, data: Optional[fdata.FederatedData] = None) -> Experiment:
+  """Dataset, model, compressors, jitted round and initial (sharded) server state.
+
+  `data`: the already loaded `make_dataset(config.dataset)` (a sweep loads it once).
+  """
+  data = make_dataset(config.dataset) if data is None else data
   model = models.create(config.model.name, data.num_classes, **_plain(config.model.kwargs))
   train_model = training_model(config.model.name, data.num_classes, _plain(config.model.kwargs))
   params = models.init_params(model, data.clients[0]["x"][:1],
@@ -116,11 +119,13 @@ def build_experiment(config: Any) -> Experiment:
 
 
 def run_experiment(config: Any, workdir: str, *, progress: bool = True,
-                   callback: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+                   callback: Optional[Callable[[int, dict], None]] = None,
+                   data: Optional[fdata.FederatedData] = None) -> list[dict]:
   """Run (or resume) `config.rounds` rounds; returns all metric rows. See module docstring.
 
   `callback(round, row)` is called after each row is written (e.g. for early stopping by
-  raising); the experiment state is only ever checkpointed at completed rounds.
+  raising); the experiment state is only ever checkpointed at completed rounds. `data`, if
+  given, must be `make_dataset(config.dataset)` (loaded once by the caller).
   """
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, "config.json")
@@ -135,7 +140,7 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
                        "use a new workdir or delete it (only `rounds` may change on resume)")
   with open(config_path, "w") as f:
     json.dump(new_cfg, f, indent=2, sort_keys=True)
-  exp = build_experiment(config)
+  exp = build_experiment(config, data)
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   state, start = exp.state, 0
