@@ -42,7 +42,8 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_compress import Compressor, Keys, compressors as C, error_feedback, federated, models
+from fedjax_compress import Compressor, compressors as C, error_feedback, federated, models
+from fedjax_compress._src.keys import fold_keys
 from fedjax_compress.data import FederatedData, from_partition, load_tfds, synthetic_images
 
 CLASSES, TEACHER_DIM = 10, 60
@@ -154,11 +155,6 @@ def make_model(cfg: Config, example_x: np.ndarray) -> nn.Module:
 def per_tensor(inner: Compressor) -> Compressor:
   """`inner` run on every tensor separately, keys folded with the tensor index (as `lbgm` does)."""
 
-  def fold(keys: Optional[Keys], i: int) -> Optional[Keys]:
-    if keys is None:
-      return None
-    return Keys(jax.random.fold_in(keys.shared, i), jax.random.fold_in(keys.private, i))
-
   def init_fn(params):
     pairs = [inner.init(p) for p in jax.tree.leaves(params)]
     return tuple(s for s, _ in pairs), tuple(r for _, r in pairs)
@@ -166,12 +162,12 @@ def per_tensor(inner: Compressor) -> Compressor:
   def encode_fn(updates, state, keys, params=None):
     us = jax.tree.leaves(updates)
     ps = [None] * len(us) if params is None else jax.tree.leaves(params)
-    out = [inner.encode(u, s, fold(keys, i), p) for i, (u, s, p) in enumerate(zip(us, state, ps))]
+    out = [inner.encode(u, s, fold_keys(keys, i), p) for i, (u, s, p) in enumerate(zip(us, state, ps))]
     return tuple(m for m, _ in out), tuple(s for _, s in out)
 
   def decode_fn(payload, state, keys, like):
     ls = jax.tree.leaves(like)
-    out = [inner.decode(m, s, fold(keys, i), l)
+    out = [inner.decode(m, s, fold_keys(keys, i), l)
            for i, (m, s, l) in enumerate(zip(payload, state, ls))]
     return (jax.tree.unflatten(jax.tree.structure(like), [g for g, _ in out]),
             tuple(s for _, s in out))

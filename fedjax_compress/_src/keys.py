@@ -49,3 +49,10 @@ def split_keys(key: PRNGKey) -> tuple[PRNGKey, Keys]:
   """Split one key into a carried key and the `Keys` of one message."""
   carry, shared, private = jax.random.split(key, 3)
   return carry, Keys(shared=shared, private=private)
+
+
+def fold_keys(keys: Keys | None, index: int) -> Keys | None:
+  """Both keys of `keys` folded with `index` (per-tensor sub-messages); None stays None."""
+  if keys is None:
+    return None
+  return Keys(jax.random.fold_in(keys.shared, index), jax.random.fold_in(keys.private, index))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_compress._src import bits as _bits
+from fedjax_compress._src import keys as _keys
 from fedjax_compress._src import layout
 from fedjax_compress._src.base import Compressor, Field, Keys
 
@@ -124,9 +125,7 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
     return jax.tree.unflatten(jax.tree.structure(like), parts) if per_tensor else parts[0]
 
   def unit_keys(keys: Optional[Keys], i: int) -> Optional[Keys]:
-    if keys is None or not per_tensor:
-      return keys
-    return Keys(jax.random.fold_in(keys.shared, i), jax.random.fold_in(keys.private, i))
+    return _keys.fold_keys(keys, i) if per_tensor else keys
 
   def init_fn(params):
     ps = units(params)
