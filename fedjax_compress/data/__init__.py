@@ -12,13 +12,24 @@ Public API:
     `partition_dirichlet(labels, num_clients, alpha, seed=0)` -> list of index arrays.
   - `load_tfds(name, *, data_dir=None, num_clients=100, partition='dirichlet', alpha=0.5,
     seq_len=80, download=False, seed=0) -> FederatedData` (needs the `data` extra).
+  - `load_sqlite(train_path, test_path=None, *, dataset, max_clients=None, lazy=False, ...)`:
+    FedJAX / TFF SQLite client data (EMNIST, Shakespeare, StackOverflow, CIFAR-100) with
+    FedJAX's preprocessing (`emnist_preprocess`, `shakespeare_preprocess`,
+    `stackoverflow_tokenizer(vocab)`, `cifar100_preprocess`); `SQLiteClients(path)` streams
+    `(client_id, examples)` one client at a time.
 """
 
 from fedjax_compress.data._dataset import FederatedData, from_partition
 from fedjax_compress.data._partition import partition_dirichlet, partition_iid
 from fedjax_compress.data._synthetic import synthetic, synthetic_images
+from fedjax_compress.data._sqlite import (SQLiteClientList, SQLiteClients, cifar100_preprocess,
+                                          count_vocab, emnist_preprocess, load_sqlite,
+                                          shakespeare_preprocess, stackoverflow_tokenizer,
+                                          word_count_vocab)
 from fedjax_compress.data._tfds import char_sequences, load_tfds, split_by_role
 
 __all__ = ["FederatedData", "from_partition", "synthetic", "synthetic_images",
            "partition_iid", "partition_dirichlet", "load_tfds", "split_by_role",
-           "char_sequences"]
+           "char_sequences", "SQLiteClients", "SQLiteClientList", "load_sqlite",
+           "emnist_preprocess", "shakespeare_preprocess", "stackoverflow_tokenizer",
+           "cifar100_preprocess", "word_count_vocab", "count_vocab"]
