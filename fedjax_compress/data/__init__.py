@@ -17,11 +17,15 @@ Public API:
     FedJAX's preprocessing (`emnist_preprocess`, `shakespeare_preprocess`,
     `stackoverflow_tokenizer(vocab)`, `cifar100_preprocess`); `SQLiteClients(path)` streams
     `(client_id, examples)` one client at a time.
+  - `load_leaf(dataset, train, test=None, *, max_clients=None, ...)`: LEAF JSON (FEMNIST,
+    Shakespeare, Sent140); `leaf_clients(dataset, paths)` gives per-user arrays.
 """
 
 from fedjax_compress.data._dataset import FederatedData, from_partition
 from fedjax_compress.data._partition import partition_dirichlet, partition_iid
 from fedjax_compress.data._synthetic import synthetic, synthetic_images
+from fedjax_compress.data._leaf import (LEAF_LETTERS, iter_leaf_users, leaf_char_ids, leaf_clients,
+                                        leaf_words, load_leaf, sent140_vocab)
 from fedjax_compress.data._sqlite import (SQLiteClientList, SQLiteClients, cifar100_preprocess,
                                           count_vocab, emnist_preprocess, load_sqlite,
                                           shakespeare_preprocess, stackoverflow_tokenizer,
@@ -32,4 +36,5 @@ __all__ = ["FederatedData", "from_partition", "synthetic", "synthetic_images",
            "partition_iid", "partition_dirichlet", "load_tfds", "split_by_role",
            "char_sequences", "SQLiteClients", "SQLiteClientList", "load_sqlite",
            "emnist_preprocess", "shakespeare_preprocess", "stackoverflow_tokenizer",
-           "cifar100_preprocess", "word_count_vocab", "count_vocab"]
+           "cifar100_preprocess", "word_count_vocab", "count_vocab", "load_leaf", "leaf_clients",
+           "iter_leaf_users", "leaf_char_ids", "leaf_words", "sent140_vocab", "LEAF_LETTERS"]
