@@ -62,7 +62,7 @@ def leaf_char_ids(text: str) -> np.ndarray:
   """LEAF's character labels (index in `LEAF_LETTERS`; unknown characters -> 80).
 
   >>> leaf_char_ids("Hi~").tolist()
-  [33, 62, 80]
+  [32, 61, 80]
   """
   table = {c: i for i, c in enumerate(LEAF_LETTERS)}
   return np.array([table.get(c, len(LEAF_LETTERS)) for c in text], np.int32)
