@@ -4,7 +4,7 @@ Compressors are pure `(init, encode, decode[, aggregate])` tuples over parameter
 bits are derived from the payload's `Field`s and match `wire.pack` byte for byte.
 """
 
-from fedjax_compress import bits, compressors, wire
+from fedjax_compress import bits, checkpoint, compressors, wire
 from fedjax_compress._src.adapters import (CompressedMeanState, CompressedTransformationState,
                                            as_transformation, compressed_mean, weighted_decode)
 from fedjax_compress._src.base import Compressor, EmptyState, Field, Keys
@@ -18,5 +18,5 @@ __all__ = [
     "as_transformation", "compressed_mean", "weighted_decode",
     "CompressedTransformationState", "CompressedMeanState",
     "error_feedback", "flattened", "ErrorFeedbackState",
-    "round_keys", "bits", "wire", "compressors",
+    "round_keys", "bits", "wire", "compressors", "checkpoint",
 ]
