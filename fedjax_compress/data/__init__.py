@@ -9,7 +9,10 @@ Public API:
     prototypes=3, strokes=3, max_shift=2, noise=0.3, seed=0) -> (train, test)` arrays of
     MNIST-shaped stroke images (centralized; split them with a partition).
   - `partition_iid(num_examples, num_clients, seed=0)`,
-    `partition_dirichlet(labels, num_clients, alpha, seed=0)` -> list of index arrays.
+    `partition_dirichlet(labels, num_clients, alpha, seed=0)`,
+    `partition_classes(labels, num_clients, classes_per_client, seed=0)` -> list of index arrays.
+  - `load_digits(num_clients=20, *, partition='dirichlet', alpha=0.5, classes_per_client=2,
+    test_fraction=0.2, seed=0)`: scikit-learn's 8x8 digits (real, offline; the `data` extra).
   - `load_tfds(name, *, data_dir=None, num_clients=100, partition='dirichlet', alpha=0.5,
     seq_len=80, download=False, seed=0) -> FederatedData` (needs the `data` extra).
   - `load_sqlite(train_path, test_path=None, *, dataset, max_clients=None, lazy=False, ...)`:
@@ -22,7 +25,9 @@ Public API:
 """
 
 from fedjax_compress.data._dataset import FederatedData, from_partition
-from fedjax_compress.data._partition import partition_dirichlet, partition_iid
+from fedjax_compress.data._digits import load_digits, stratified_split
+from fedjax_compress.data._partition import (partition_classes, partition_dirichlet,
+                                             partition_iid)
 from fedjax_compress.data._synthetic import synthetic, synthetic_images
 from fedjax_compress.data._leaf import (LEAF_LETTERS, iter_leaf_users, leaf_char_ids, leaf_clients,
                                         leaf_words, load_leaf, sent140_vocab)
@@ -37,4 +42,5 @@ __all__ = ["FederatedData", "from_partition", "synthetic", "synthetic_images",
            "char_sequences", "SQLiteClients", "SQLiteClientList", "load_sqlite",
            "emnist_preprocess", "shakespeare_preprocess", "stackoverflow_tokenizer",
            "cifar100_preprocess", "word_count_vocab", "count_vocab", "load_leaf", "leaf_clients",
-           "iter_leaf_users", "leaf_char_ids", "leaf_words", "sent140_vocab", "LEAF_LETTERS"]
+           "iter_leaf_users", "leaf_char_ids", "leaf_words", "sent140_vocab", "LEAF_LETTERS",
+           "load_digits", "stratified_split", "partition_classes"]

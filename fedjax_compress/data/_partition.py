@@ -41,3 +41,35 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
     for k, chunk in enumerate(np.split(idx, cuts)):
       parts[k].append(chunk)
   return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def partition_classes(labels: np.ndarray, num_clients: int, classes_per_client: int,
+                      seed: int = 0) -> list[np.ndarray]:
+  """Pathological label skew: every client holds (at most) `classes_per_client` classes.
+
+  With the classes in a random order `pi` (from `seed`), client `i` holds classes
+  `pi[(i k + j) mod C]`, `j < k`; each class's shuffled examples are split as evenly as
+  possible among the clients holding it. When `num_clients * k >= C` every example goes to
+  exactly one client; otherwise the classes nobody holds are left out. A client has fewer
+  than `k` classes only if `k > C` or a class has fewer examples than holders.
+
+  >>> parts = partition_classes(np.repeat(np.arange(4), 5), 4, 2, seed=0)
+  >>> [len(p) for p in parts], sorted(np.concatenate(parts).tolist()) == list(range(20))
+  ([6, 6, 4, 4], True)
+  """
+  num_clients = checks.check_positive_int(num_clients, "num_clients")
+  k = checks.check_positive_int(classes_per_client, "classes_per_client")
+  labels = np.asarray(labels).reshape(-1)
+  rng = np.random.default_rng(seed)
+  classes = rng.permutation(np.unique(labels))
+  holders: dict[int, list[int]] = {}
+  for i in range(num_clients):
+    for j in range(min(k, len(classes))):
+      holders.setdefault(int((i * k + j) % len(classes)), []).append(i)
+  parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+  for pos, hs in holders.items():
+    idx = rng.permutation(np.flatnonzero(labels == classes[pos]))
+    for h, chunk in zip(hs, np.array_split(idx, len(hs))):
+      parts[h].append(chunk)
+  return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64)
+          for p in parts]

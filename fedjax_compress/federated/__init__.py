@@ -8,16 +8,22 @@ Public API:
   - `build_client_update(loss_fn, client_tx, uplink, *, local_steps)` (the per-client part).
   - `sample_cohort(data, round_index, *, cohort_size, local_steps, batch_size, seed, ...)
     -> Cohort` (host-side NumPy, fixed shapes, padding).
+  - Client samplers `uniform_sampler(n, c, *, replace=False, seed=0)`,
+    `epoch_sampler(n, c, *, seed=0)`, `fixed_sampler(cohorts)`: `sampler(round) -> ids`,
+    passed as `sample_cohort(..., sampler=...)`.
   - `client_mesh(num_devices=None) -> Mesh`, `shard_cohort(cohort, mesh)`,
     `shard_state(state, mesh)`.
 """
 
 from fedjax_compress.federated._round import (build_client_update, build_local_train,
                                               build_round)
-from fedjax_compress.federated._sampling import sample_cohort
+from fedjax_compress.federated._sampling import (EpochSampler, FixedSampler, UniformSampler,
+                                                 epoch_sampler, fixed_sampler, sample_cohort,
+                                                 uniform_sampler)
 from fedjax_compress.federated._sharding import client_mesh, shard_cohort, shard_state
 from fedjax_compress.federated._state import Cohort, RoundMetrics, ServerState, init_server_state
 
 __all__ = ["Cohort", "ServerState", "RoundMetrics", "init_server_state", "build_round",
            "build_client_update", "build_local_train", "sample_cohort", "client_mesh",
-           "shard_cohort", "shard_state"]
+           "shard_cohort", "shard_state", "uniform_sampler", "epoch_sampler", "fixed_sampler",
+           "UniformSampler", "EpochSampler", "FixedSampler"]
