@@ -11,11 +11,21 @@ Public API:
   - `classification_loss(model) -> loss_fn(params, batch, mask, key)`,
     `accuracy(model) -> accuracy_fn(params, batch, mask=None)`,
     `evaluate(model, params, data, batch_size=1024) -> {'loss', 'accuracy'}`.
+  - FedJAX's models (same layers and parameter counts): `EmnistCNN`, `EmnistDense`,
+    `Logistic`, `ShakespeareLSTM`, `StackOverflowLSTM`, `ResNet18GN` (CIFAR-100), by name in
+    `create`; `train_loss(model, pad_label=None, token_reduction='mean')` (FedJAX's losses,
+    dropout on); `from_fedjax_params(name, haiku_params)` converts FedJAX checkpoints.
 """
 
 from fedjax_compress.models._models import (CNN, MLP, CharLM, LogisticRegression, PatchConv,
                                             ResNet, accuracy, classification_loss, create,
                                             evaluate, init_params)
+from fedjax_compress.models._fedjax_models import (EmnistCNN, EmnistDense, HaikuLSTMCell,
+                                                    Logistic, ResNet18GN, ShakespeareLSTM,
+                                                    StackOverflowLSTM, from_fedjax_params,
+                                                    haiku_init, train_loss)
 
 __all__ = ["LogisticRegression", "MLP", "CNN", "PatchConv", "ResNet", "CharLM", "create",
-           "init_params", "classification_loss", "accuracy", "evaluate"]
+           "init_params", "classification_loss", "accuracy", "evaluate", "EmnistCNN",
+           "EmnistDense", "Logistic", "ShakespeareLSTM", "StackOverflowLSTM", "ResNet18GN",
+           "HaikuLSTMCell", "haiku_init", "train_loss", "from_fedjax_params"]

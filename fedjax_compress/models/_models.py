@@ -164,7 +164,9 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def create(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Model by name: 'logistic', 'mlp', 'cnn', 'resnet' or 'char_lm' (num_classes = vocab)."""
+  """Model by name: 'logistic', 'mlp', 'cnn', 'resnet' or 'char_lm' (num_classes = vocab), or
+  FedJAX's 'emnist_cnn', 'emnist_dense', 'emnist_logistic', 'shakespeare_lstm',
+  'stackoverflow_lstm', 'cifar100_logistic', 'cifar100_resnet18' (`_fedjax_models`)."""
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
   return _MODELS[name](num_classes=num_classes, **kwargs)
