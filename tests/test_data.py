@@ -283,3 +283,77 @@ def test_load_tfds_tiny_shakespeare_by_role(monkeypatch):
   np.testing.assert_array_equal(d.test["x"], np.array(ids[:8 * n]).reshape(n, 8))
   np.testing.assert_array_equal(d.test["y"], np.array(ids[1:8 * n + 1]).reshape(n, 8))
   assert "Z" not in vocab and test_text[10] == "Z" and d.test["x"][1, 2] == 0  # unknown -> 0
+
+
+def test_partition_classes_gives_each_client_k_classes():
+  labels = np.random.default_rng(0).integers(0, 10, 3000)
+  for clients, k in ((20, 2), (7, 3), (3, 2), (4, 12)):
+    parts = data.partition_classes(labels, clients, k, seed=1)
+    assert len(parts) == clients
+    for p in parts:
+      assert len(np.unique(labels[p])) == min(k, 10)
+    cat = np.concatenate(parts)
+    assert len(np.unique(cat)) == len(cat)  # disjoint
+    held = {int(c) for p in parts for c in np.unique(labels[p])}
+    assert len(cat) == np.isin(labels, list(held)).sum()  # every example of a held class
+  assert len(np.unique(np.concatenate(data.partition_classes(labels, 20, 2)))) == 3000
+  # 3 clients x 2 classes cover 6 of 10 classes; a different seed deals other classes
+  a = {int(c) for p in data.partition_classes(labels, 3, 2, seed=1) for c in labels[p]}
+  b = {int(c) for p in data.partition_classes(labels, 3, 2, seed=2) for c in labels[p]}
+  assert len(a) == len(b) == 6 and a != b
+  with pytest.raises(ValueError, match="classes_per_client"):
+    data.partition_classes(labels, 3, 0)
+
+
+def test_load_digits_real_data_partitions():
+  pytest.importorskip("sklearn")
+  from sklearn.datasets import load_digits as sk
+  ref = sk()
+  d = data.load_digits(12, partition="classes", classes_per_client=2, seed=0)
+  assert d.num_clients == 12 and d.num_classes == 10 and d.name == "digits:classes(2)"
+  assert d.clients[0]["x"].dtype == np.float32 and d.clients[0]["x"].shape[1:] == (8, 8, 1)
+  assert d.test["y"].dtype == np.int32
+  allx = np.concatenate([c["x"] for c in d.clients] + [d.test["x"]])
+  ally = np.concatenate([c["y"] for c in d.clients] + [d.test["y"]])
+  assert len(ally) == 1797 and allx.min() == 0.0 and allx.max() == 1.0
+  # the same multiset of (image, label) pairs as scikit-learn's, pixels / 16
+  key = lambda x, y: sorted(map(tuple, np.concatenate([x.reshape(len(y), -1),  # noqa: E731
+                                                       y[:, None]], 1).round(3).tolist()))
+  assert key(allx * 16, ally) == key(ref.images.astype(np.float64), ref.target)
+  for c in d.clients:
+    assert len(np.unique(c["y"])) == 2
+  # stratified test split: 20% of each class
+  counts = np.bincount(ref.target, minlength=10)
+  np.testing.assert_array_equal(np.bincount(d.test["y"], minlength=10),
+                                np.round(0.2 * counts).astype(int))
+  skewed = data.load_digits(12, partition="dirichlet", alpha=0.1, seed=0)
+  iid = data.load_digits(12, partition="iid", seed=0)
+  top = lambda fd: np.mean([np.bincount(c["y"]).max() / len(c["y"])  # noqa: E731
+                            for c in fd.clients if len(c["y"])])
+  assert top(skewed) > top(iid) + 0.3
+  np.testing.assert_array_equal(skewed.test["y"], iid.test["y"])  # same held-out split
+  again = data.load_digits(12, partition="dirichlet", alpha=0.1, seed=0)
+  np.testing.assert_array_equal(again.client_sizes(), skewed.client_sizes())
+  with pytest.raises(ValueError, match="partition"):
+    data.load_digits(5, partition="shards")
+  with pytest.raises(ValueError, match="images"):
+    data.load_digits(5, images=(np.zeros((3, 28, 28)), np.zeros(3)))
+
+
+def test_readme_own_arrays_snippet_runs():
+  import os
+  import re
+  readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+  section = readme.split("## Your own data", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  assert len(code.strip().splitlines()) == 3
+  rng = np.random.default_rng(0)
+  ns = {"x_train": rng.normal(size=(500, 4)).astype(np.float32),
+        "y_train": rng.integers(0, 10, 500).astype(np.int32),
+        "x_test": rng.normal(size=(50, 4)).astype(np.float32),
+        "y_test": rng.integers(0, 10, 50).astype(np.int32)}
+  exec(code, ns)  # pylint: disable=exec-used
+  fd = ns["fd"]
+  assert fd.num_clients == 100 and fd.client_sizes().sum() == 500
+  c = federated.sample_cohort(fd, 0, cohort_size=4, local_steps=1, batch_size=3)
+  assert c.batches["x"].shape == (4, 1, 3, 4)
