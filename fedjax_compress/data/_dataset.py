@@ -13,7 +13,8 @@ class FederatedData:
 
   Attributes:
     clients: one dict per client of arrays sharing their leading (example) axis, e.g.
-      `{'x': float32[n_k, d], 'y': int32[n_k]}`; every client has the same keys.
+      `{'x': float32[n_k, d], 'y': int32[n_k]}`; every client has the same keys. A list,
+      or any sequence that reads clients on access (`data.SQLiteClientList`).
     test: pooled evaluation arrays with the same keys.
     num_classes: number of labels (vocabulary size for language models).
     name: a short description.

@@ -190,8 +190,8 @@ class SQLiteClients:
   `SQLiteClients(path, split=None, preprocess=None)`: `split` selects the TFF split
   ('train', 'test', ...; optional when the file holds one); `preprocess(client_id,
   examples) -> examples` is applied to every client read (e.g. `emnist_preprocess`).
-  Use it as an iterator of `(client_id, examples)`, or `client_ids()`, `client_sizes()`
-  (metadata only) and `get(client_id)`.
+  Use it as an iterator of `(client_id, examples)`, or `client_ids()`, `client_sizes()`,
+  `metadata()` (metadata only, no client decoded) and `get(client_id)` (one row).
   """
 
   def __init__(self, path: str, *, split: Optional[str] = None,
@@ -531,7 +531,9 @@ def load_sqlite(train_path: str, test_path: Optional[str] = None, *, dataset: st
   the first `max_clients` with a non-zero example count in the metadata, in FedJAX's order.
   `lazy=False` reads them into memory one at a time; `lazy=True` only reads their ids and
   makes `clients` a `SQLiteClientList` that decodes a client when a cohort asks for it
-  (keeping the last `cache_size`; the file stays open). The test file's first
+  (keeping the last `cache_size`; the file stays open; `FederatedData.client_sizes()` then
+  decodes every client once, e.g. for Shakespeare, whose metadata count snippets rather
+  than sequences). The test file's first
   `max_test_clients` clients are pooled into `test` (empty arrays without `test_path`).
   For a TFF file holding both splits pass the same path twice with `train_split='train',
   test_split='test'`.
