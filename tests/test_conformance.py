@@ -107,6 +107,14 @@ def test_aggregate(entry):
   testing.check_aggregate(harness(entry), linear=entry.linear_aggregate)
 
 
+REDUCING = _params([e for e in REGISTRY if e.make().reduce is not None])
+
+
+@pytest.mark.parametrize("entry", REDUCING)
+def test_reduce(entry):
+  testing.check_reduce(harness(entry), linear=entry.linear_aggregate)
+
+
 @pytest.mark.parametrize("entry", ALL)
 def test_zero_input_finite(entry):
   testing.check_zero_input(harness(entry))

@@ -266,3 +266,90 @@ def test_validation_errors():
                                       num_clients=3)
   with pytest.raises(ValueError, match="mask"):
     rnd(state, make_cohort(np.random.default_rng(0), [0, 1], [1.0, 1.0]), jax.random.key(0))
+
+
+# ------------------------------------------------------------------ client chunks
+
+CHUNK_UPLINKS = {
+    "ef_top_k": lambda: error_feedback(compressors.top_k(2)),       # stateful sender
+    "laq": lambda: compressors.laq(4, step_size=0.1),                # stateful receiver, no aggregate
+    "count_sketch": lambda: compressors.count_sketch(2, 4, k=3),     # reduce: non-linear decode
+    "qsgd": lambda: compressors.qsgd(4, bucket_size=4),              # linear aggregate
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHUNK_UPLINKS))
+def test_results_equal_for_every_chunk_size(name):
+  up = CHUNK_UPLINKS[name]()
+  state0 = federated.init_server_state(params0(), optax.sgd(1.0), up, num_clients=8)
+  rng = np.random.default_rng(11)
+  cohorts = [make_cohort(rng, [5, 1, 7, 0, 2], [1.0, 3.0, 0.0, 2.0, 1.0]),
+             make_cohort(rng, [0, 3, 6, 7, 4], [2.0, 1.0, 1.0, 0.0, 1.0])]
+  results = {}
+  for chunk in ("all", 1, 2, 3):
+    rnd = jax.jit(federated.build_round(mse_loss, optax.sgd(0.1), optax.sgd(1.0), up,
+                                        local_steps=STEPS, clients_per_chunk=chunk))
+    state, ms = state0, []
+    for cohort in cohorts:
+      state, m = rnd(state, cohort, jax.random.key(3))
+      ms.append(m)
+    results[chunk] = (state, ms)
+  ref_state, ref_ms = results["all"]
+  for chunk in (1, 2, 3):
+    state, ms = results[chunk]
+    chex.assert_trees_all_close(state.params, ref_state.params, atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close((state.senders, state.receivers),
+                                (ref_state.senders, ref_state.receivers), atol=1e-6, rtol=1e-5)
+    for m, r in zip(ms, ref_ms):
+      assert m.up_bits.tolist() == r.up_bits.tolist()
+      np.testing.assert_allclose(np.asarray(m.weight), np.asarray(r.weight), rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(m.loss), np.asarray(r.loss), rtol=1e-5)
+
+
+def test_chunk_plan_pads_evenly_and_rejects_bad_sizes():
+  from fedjax_compress.federated._round import chunk_plan
+  assert chunk_plan(13, 8) == (2, 7)
+  assert chunk_plan(13, 1) == (13, 1)
+  assert chunk_plan(13, "all") == (1, 13)
+  assert chunk_plan(4, 100) == (1, 4)
+  for bad in (0, -2, 2.5, "some", True):
+    with pytest.raises(ValueError, match="clients_per_chunk"):
+      federated.build_round(mse_loss, optax.sgd(0.1), optax.sgd(1.0), compressors.identity(),
+                            local_steps=1, clients_per_chunk=bad)
+
+
+def test_conv_rewrite_is_transparent_in_the_round():
+  import flax.linen as nn
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(3, (3, 3), padding="SAME")(x))
+      x = nn.Conv(2, (2, 2), strides=(2, 2), padding="VALID")(x)
+      return nn.Dense(4)(x.reshape((x.shape[0], -1)))
+
+  from fedjax_compress import models
+  model = Tiny()
+  params = models.init_params(model, np.zeros((1, 6, 6, 1), np.float32))
+  loss = models.classification_loss(model)
+  rng = np.random.default_rng(12)
+  cohort = federated.Cohort(ids=np.arange(3, dtype=np.int32),
+                            batches={"x": rng.normal(size=(3, 2, 4, 6, 6, 1)).astype(np.float32),
+                                     "y": rng.integers(0, 4, (3, 2, 4)).astype(np.int32)},
+                            mask=np.ones((3, 2, 4), bool), weight=np.ones(3, np.float32))
+  out = {}
+  for impl in ("xla", "im2col"):
+    rnd = jax.jit(federated.build_round(loss, optax.sgd(0.1), optax.sgd(1.0),
+                                        compressors.identity(), local_steps=2, conv_impl=impl))
+    st = federated.init_server_state(params, optax.sgd(1.0), compressors.identity(),
+                                     num_clients=3)
+    out[impl] = rnd(st, cohort, jax.random.key(0))[0].params
+    text = jax.jit(federated.build_round(loss, optax.sgd(0.1), optax.sgd(1.0),
+                                         compressors.identity(), local_steps=2,
+                                         conv_impl=impl)).lower(st, cohort,
+                                                                jax.random.key(0)).as_text()
+    assert ("convolution" in text) == (impl == "xla")
+  chex.assert_trees_all_close(out["im2col"], out["xla"], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="conv_impl"):
+    federated.build_round(loss, optax.sgd(0.1), optax.sgd(1.0), compressors.identity(),
+                          local_steps=1, conv_impl="fast")

@@ -21,7 +21,7 @@ class CompressedTransformationState(NamedTuple):
   key_data: jax.Array
   sender: Any
   receiver: Any
-  last_bits: jax.Array
+  last_bits: _bits.Bits
 
 
 def _next_keys(key: PRNGKey) -> tuple[jax.Array, Keys]:
@@ -45,7 +45,7 @@ def as_transformation(compressor: Compressor,
   def init_fn(params):
     sender, receiver = compressor.init(params)
     return CompressedTransformationState(
-        jax.random.key_data(key0), sender, receiver, jnp.zeros((), jnp.int32))
+        jax.random.key_data(key0), sender, receiver, _bits.Bits.const(0))
 
   def update_fn(updates, state, params=None, *, key=None, **extra_args):
     del extra_args
@@ -66,12 +66,21 @@ class CompressedMeanState(NamedTuple):
   key_data: jax.Array
   senders: Any
   receivers: Any
-  last_bits: jax.Array
+  last_bits: _bits.Bits
 
 
 def weighted_decode(compressor: Compressor, payloads: Any, receivers: Any, weights: jax.Array,
                     keys: Keys, like: Any) -> tuple[Any, Any]:
-  """`sum_c weights[c] * decode(payloads[c])`, via `aggregate` when the compressor has one."""
+  """`sum_c weights[c] * decode(payloads[c])`, via `reduce` or `aggregate` when present.
+
+  With `reduce` the weighted sum is taken in the compressed domain and decoded once (with
+  the receiver state of client 0 and `keys.shared`; `reduce` requires stateless receivers).
+  """
+  if compressor.reduce is not None:
+    receiver = jax.tree.map(lambda x: x[0], receivers)
+    one = Keys(keys.shared, jax.tree.map(lambda k: k[0], keys.private))
+    out, _ = compressor.decode(compressor.reduce(payloads, weights), receiver, one, like)
+    return out, receivers
   if compressor.aggregate is not None:
     return compressor.aggregate(payloads, weights, keys, like), receivers
   decoded, receivers = jax.vmap(
@@ -100,7 +109,7 @@ def compressed_mean(compressor: Compressor, key: PRNGKey | int, *,
     stack = lambda t: jax.tree.map(  # noqa: E731
         lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), t)
     return CompressedMeanState(jax.random.key_data(key0), stack(sender), stack(receiver),
-                               jnp.zeros((num_workers,), jnp.int32))
+                               _bits.Bits.const(0, (num_workers,)))
 
   def update_fn(per_elt_updates, state, params=None, **extra_args):
     del extra_args

@@ -116,12 +116,31 @@ class AggregateFn(Protocol):
 
   `payloads` carry a leading client axis `[C, ...]`, `weights` is `float[C]` and
   `keys` is a `Keys` whose `private` has a leading client axis. The result must equal
-  `sum_c weights[c] * decode(payloads[c])`; linear compressors implement it by summing
-  in the compressed domain and decoding once. Only for stateless receivers.
+  `sum_c weights[c] * decode(payloads[c])` (so it is linear in `weights` and sums over
+  client chunks add up); linear compressors implement it by summing in the compressed
+  domain and decoding once. Only for stateless receivers.
   """
 
   def __call__(self, payloads: Payload, weights: jax.Array, keys: Keys,
                like: Params) -> Updates:
+    ...
+
+
+class ReduceFn(Protocol):
+  """`reduce(payloads, weights) -> payload`: a weighted sum in the compressed domain.
+
+  For compressors whose payloads form a vector space that `decode` maps linearly (or
+  positively homogeneously, e.g. a sketch unsketched by a median and top-k): `payloads`
+  carry a leading client axis `[C, ...]`, `weights` is `float[C]`, and the result is one
+  payload of the unbatched structure such that `decode(reduce(P, w))` is the server's
+  aggregate. `reduce` must be a weighted sum (`sum_c w_c P_c` in the payload's vector
+  space), so partial reductions over client chunks combine: `reduce(stack([reduce(P1, w1), reduce(P2, w2)]), [1, 1]) ==
+  reduce(P1 ++ P2, w1 ++ w2)`. Only for stateless receivers whose decode ignores
+  `keys.private`. The simulator keeps one reduced payload across client chunks and decodes
+  once per round (FetchSGD's sum of sketches; IGC's `sum_k w_k c_k`).
+  """
+
+  def __call__(self, payloads: Payload, weights: jax.Array) -> Payload:
     ...
 
 
@@ -132,13 +151,17 @@ class Compressor(NamedTuple):
     init: `params -> (sender_state, receiver_state)`.
     encode: `(updates, sender_state, keys, params=None) -> (payload, sender_state)`.
     decode: `(payload, receiver_state, keys, like) -> (updates, receiver_state)`.
-    aggregate: optional fast path for a weighted sum of many payloads, decoded once.
+    aggregate: optional fast path for a weighted sum of many payloads, decoded once; linear
+      in the weights (sums over disjoint client chunks add up).
+    reduce: optional weighted sum in the compressed domain, decoded once by `decode`
+      (takes precedence over `aggregate`; see `ReduceFn`).
   """
 
   init: InitFn
   encode: EncodeFn
   decode: DecodeFn
   aggregate: Optional[AggregateFn] = None
+  reduce: Optional[ReduceFn] = None
 
 
 def stateless_init(params: Params) -> tuple[EmptyState, EmptyState]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_compress._src import layout
+from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor
 
 
@@ -26,7 +27,24 @@ def error_feedback(inner: Compressor) -> Compressor:
   message with a mirror of the receiver state, so any deterministic receiver works.
   The receiver side (and `aggregate`) is the inner compressor's. `encode` raises
   `ValueError` (statically) when `updates` differ in structure or shape from `init`'s.
+  `x` and `e'` are float32 and saturate at its range for finite inputs (no inf from a
+  sum of huge finite values; NaN/Inf inputs still propagate).
+
+  Warns (`UserWarning`) for unscaled `sign_sgd()`: it decodes to `+-1` whatever the
+  magnitude of `x`, so the residual tracks `x - sign(x)` and, at ordinary server learning
+  rates, training diverges silently; `sign_sgd(scaled=True)` is the EF-signSGD of
+  Karimireddy et al. (2019).
   """
+  checks.check_compressor(inner, "error_feedback: inner")
+  if getattr(inner.encode, "unscaled_sign", False):
+    warnings.warn("error_feedback(sign_sgd()) with unscaled signs: decoded updates are +-1 "
+                  "whatever their magnitude, so error feedback diverges at ordinary learning "
+                  "rates; use sign_sgd(scaled=True)", UserWarning, stacklevel=2)
+
+  def _sum(a, b):
+    """`a + b` in float32, saturating where both are finite."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return checks.saturate(a + b, jnp.isfinite(a) & jnp.isfinite(b))
 
   def init_fn(params):
     sender, receiver = inner.init(params)
@@ -35,13 +53,13 @@ def error_feedback(inner: Compressor) -> Compressor:
   def encode_fn(updates, state, keys, params=None):
     layout.check_matches(updates, layout.signature(state.residual),
                          "error_feedback: updates vs the residual of `init(params)`")
-    x = jax.tree.map(lambda g, e: g.astype(jnp.float32) + e, updates, state.residual)
+    x = jax.tree.map(_sum, updates, state.residual)
     payload, sender = inner.encode(x, state.inner, keys, params)
     decoded, mirror = inner.decode(payload, state.mirror, keys, x)
-    residual = jax.tree.map(lambda a, b: a - b.astype(jnp.float32), x, decoded)
+    residual = jax.tree.map(lambda a, b: _sum(a, -b.astype(jnp.float32)), x, decoded)
     return payload, ErrorFeedbackState(sender, residual, mirror)
 
-  return Compressor(init_fn, encode_fn, inner.decode, inner.aggregate)
+  return Compressor(init_fn, encode_fn, inner.decode, inner.aggregate, inner.reduce)
 
 
 def flattened(inner: Compressor) -> Compressor:
@@ -50,8 +68,16 @@ def flattened(inner: Compressor) -> Compressor:
   The payload's fields are stamped (static `Field.source`, no bits) with the structure
   and leaf shapes of the encoded updates; `decode`/`aggregate` raise `ValueError` if
   `like` differs, since the inner payload (e.g. `k` values, a fixed-size sketch) need
-  not reveal the model size.
+  not reveal the model size. The inner codec decodes in float32; each leaf is cast to its
+  dtype saturating at that dtype's range (`checks.cast_finite`: float16 estimates beyond
+  65504 give 65504, not inf).
   """
+  checks.check_compressor(inner, "flattened: inner")
+
+  def unravel(like, vec):
+    like32 = jax.tree.map(lambda l: jax.ShapeDtypeStruct(jnp.shape(l), jnp.float32), like)
+    flat = layout.unraveler(like32)(vec.astype(jnp.float32))
+    return jax.tree.map(lambda v, l: checks.cast_finite(v, l.dtype), flat, like)
 
   def init_fn(params):
     return inner.init(layout.ravel(params))
@@ -64,12 +90,13 @@ def flattened(inner: Compressor) -> Compressor:
   def decode_fn(payload, state, keys, like):
     payload = layout.unstamp(payload, like)
     vec, state = inner.decode(payload, state, keys, layout.ravel(like))
-    return layout.unraveler(like)(vec), state
+    return unravel(like, vec), state
 
   aggregate_fn = None
   if inner.aggregate is not None:
     def aggregate_fn(payloads, weights, keys, like):
       payloads = layout.unstamp(payloads, like)
-      return layout.unraveler(like)(inner.aggregate(payloads, weights, keys, layout.ravel(like)))
+      return unravel(like, inner.aggregate(payloads, weights, keys, layout.ravel(like)))
 
-  return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn)
+  # The inner `reduce` keeps the (static) stamps: both sides of a reduction share them.
+  return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn, inner.reduce)

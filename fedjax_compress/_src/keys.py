@@ -16,6 +16,7 @@ UPLINK = 0
 DOWNLINK = 1
 LOCAL_TRAINING = 2
 SAMPLING = 3
+AGGREGATE = 4  # purpose tag of the private key of a reduced (server-side) payload
 _SHARED = 0
 _PRIVATE = 1
 

@@ -31,8 +31,9 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
   estimate is linear and unbiased over the hashes; otherwise it is biased (pair with
   `error_feedback`, as FetchSGD does on the server).
 
-  `aggregate` follows FetchSGD: it unsketches the weighted *sum of sketches* once, which
-  differs from the weighted sum of per-client decodes because the median is nonlinear.
+  The server follows FetchSGD: `reduce` sums the weighted sketches (linear) and `decode`
+  unsketches that sum once, which differs from the weighted sum of per-client decodes
+  because the median is nonlinear.
 
   Bits: `32 * rows * cols` (hashes cost nothing: both ends derive them from the keys).
 
@@ -84,8 +85,9 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
   def decode_fn(payload, state, keys, like):
     return _unsketch(payload["sketch"].data, keys.shared, like), state
 
-  def aggregate_fn(payloads, weights, keys, like):
-    total = jnp.tensordot(weights.astype(jnp.float32), payloads["sketch"].data, axes=1)
-    return _unsketch(total, keys.shared, like)
+  def reduce_fn(payloads, weights):
+    sketch = payloads["sketch"]
+    return {"sketch": sketch.replace(
+        data=jnp.tensordot(weights.astype(jnp.float32), sketch.data, axes=1))}
 
-  return flattened(Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn))
+  return flattened(Compressor(stateless_init, encode_fn, decode_fn, reduce=reduce_fn))

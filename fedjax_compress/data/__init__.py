@@ -8,6 +8,8 @@ Public API:
   - `synthetic_images(num_train, num_test=1000, *, image_size=28, num_classes=10,
     prototypes=3, strokes=3, max_shift=2, noise=0.3, seed=0) -> (train, test)` arrays of
     MNIST-shaped stroke images (centralized; split them with a partition).
+  - `synthetic_tokens(num_clients=8, *, vocab_size=50257, seq_len=128, ...) -> FederatedData`
+    (offline next-token data for language models).
   - `partition_iid(num_examples, num_clients, seed=0)`,
     `partition_dirichlet(labels, num_clients, alpha, seed=0)`,
     `partition_classes(labels, num_clients, classes_per_client, seed=0)` -> list of index arrays.
@@ -29,6 +31,7 @@ from fedjax_compress.data._digits import load_digits, stratified_split
 from fedjax_compress.data._partition import (partition_classes, partition_dirichlet,
                                              partition_iid)
 from fedjax_compress.data._synthetic import synthetic, synthetic_images
+from fedjax_compress.data._tokens import synthetic_tokens
 from fedjax_compress.data._leaf import (LEAF_LETTERS, iter_leaf_users, leaf_char_ids, leaf_clients,
                                         leaf_words, load_leaf, sent140_vocab)
 from fedjax_compress.data._sqlite import (SQLiteClientList, SQLiteClients, cifar100_preprocess,
@@ -38,7 +41,7 @@ from fedjax_compress.data._sqlite import (SQLiteClientList, SQLiteClients, cifar
 from fedjax_compress.data._tfds import char_sequences, load_tfds, split_by_role
 
 __all__ = ["FederatedData", "from_partition", "synthetic", "synthetic_images",
-           "partition_iid", "partition_dirichlet", "load_tfds", "split_by_role",
+           "synthetic_tokens", "partition_iid", "partition_dirichlet", "load_tfds", "split_by_role",
            "char_sequences", "SQLiteClients", "SQLiteClientList", "load_sqlite",
            "emnist_preprocess", "shakespeare_preprocess", "stackoverflow_tokenizer",
            "cifar100_preprocess", "word_count_vocab", "count_vocab", "load_leaf", "leaf_clients",

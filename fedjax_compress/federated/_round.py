@@ -42,6 +42,7 @@ from fedjax_compress._src import keys as _keys
 from fedjax_compress._src.adapters import weighted_decode
 from fedjax_compress._src.base import Compressor, Keys
 from fedjax_compress.federated._state import Cohort, RoundMetrics, ServerState
+from fedjax_compress.models import _fastconv
 
 LossFn = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
 ClientFn = Callable[..., tuple[Any, Any, jax.Array, jax.Array]]
@@ -155,14 +156,88 @@ def _num_clients(state: ServerState) -> int:
   return int(leaves[0].shape[0]) if leaves else 0  # stateless: nothing is scattered
 
 
+ChunkSize = Optional[int | str]
+CPU_CLIENTS_PER_CHUNK = 1
+"""Default `clients_per_chunk` on CPU (measured, benchmarks/bench_round.py): one client at a
+time inside the program. XLA:CPU parallelises within each op, and a chunk of vmapped clients
+turns every per-client matmul into a batched one that runs no faster per client while
+multiplying the working set; see BENCHMARKS.md "Client execution"."""
+
+
+def default_clients_per_chunk(backend: Optional[str] = None) -> Optional[int]:
+  """`clients_per_chunk` used when None is given: 1 on CPU, the whole cohort (None) elsewhere.
+
+  On accelerators one vmapped program over the cohort keeps the device busy; pass a
+  smaller chunk when per-client memory times the cohort does not fit
+  (`federated.check_memory`).
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return CPU_CLIENTS_PER_CHUNK if backend == "cpu" else None
+
+
+def _check_chunk(clients_per_chunk: ChunkSize) -> ChunkSize:
+  if clients_per_chunk is None or clients_per_chunk == "all":
+    return clients_per_chunk
+  if isinstance(clients_per_chunk, str):
+    raise ValueError("clients_per_chunk must be a positive int, 'all' or None (backend "
+                     f"default), got {clients_per_chunk!r}")
+  return checks.check_positive_int(clients_per_chunk, "clients_per_chunk")
+
+
+def chunk_plan(num: int, clients_per_chunk: ChunkSize) -> tuple[int, int]:
+  """`(num_chunks, chunk)` for a cohort of `num` clients: `num_chunks * chunk >= num`.
+
+  The chunk is at most `clients_per_chunk` and as even as possible, so fewer than
+  `num_chunks` weight-0 clients pad the last chunk (13 clients at 8 per chunk: 2 x 7).
+  'all' is one chunk of the cohort; None is `default_clients_per_chunk()`.
+  """
+  if clients_per_chunk is None:
+    clients_per_chunk = default_clients_per_chunk()
+  if clients_per_chunk is None or clients_per_chunk == "all":
+    return 1, num
+  n = -(-num // min(int(clients_per_chunk), num))
+  return n, -(-num // n)
+
+
+def _pad_rows(x: jax.Array, pad: int, value: Any = 0) -> jax.Array:
+  if not pad:
+    return x
+  return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], value, x.dtype)])
+
+
+def _chunked(tree: Any, n: int) -> Any:
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+
+
+def _unchunked(tree: Any, num: int) -> Any:
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num], tree)
+
+
+def _zeros_like_payload(payload: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), payload)
+
+
 def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                 server_tx: optax.GradientTransformation, uplink: Compressor, *,
-                local_steps: int, downlink: Optional[Compressor] = None) -> RoundFn:
+                local_steps: int, downlink: Optional[Compressor] = None,
+                clients_per_chunk: ChunkSize = None, conv_impl: str = "auto") -> RoundFn:
   """Pure `round_fn(state, cohort, seed_key) -> (state, RoundMetrics)`; see module docstring.
 
   `loss_fn(params, batch, mask, key) -> scalar` is the mean loss over the unmasked examples
   of one minibatch. Jit the result (`jax.jit(round_fn, donate_argnums=0)`); it retraces only
   when shapes change (cohort size, steps, batch size).
+
+  Client execution: the cohort runs as a `lax.scan` over chunks of `clients_per_chunk`
+  vmapped clients inside the one program ('all': one vmap over the cohort; None: the
+  backend default, `default_clients_per_chunk()`). Each chunk's updates are decoded (or
+  reduced, see `Compressor.reduce`) into one running sum and its clients' states are
+  scattered back before the next chunk runs, so peak memory grows with the chunk, not the
+  cohort; results equal for every chunk size up to float rounding. The last chunk is
+  padded with weight-0 clients (`chunk_plan`).
+
+  `conv_impl`: 'auto' (im2col on CPU, where XLA runs kernel-gradient convolutions inside
+  loops ~4x slower than as matmuls; unchanged elsewhere), 'im2col' or 'xla' (as written).
+  The rewrite (`models.im2col_convs`) changes no values beyond float rounding.
 
   `cohort.ids` must lie in `[0, num_clients)`. Called eagerly (concrete ids) `round_fn`
   raises `ValueError` otherwise; under `jit` the ids are traced and unchecked, and an
@@ -185,6 +260,8 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   ([96, 96], 1)
   """
   local_steps = checks.check_positive_int(local_steps, "local_steps")
+  clients_per_chunk = _check_chunk(clients_per_chunk)
+  loss_fn = _fastconv.with_conv_impl(loss_fn, conv_impl)
   client_fn = build_client_update(loss_fn, client_tx, uplink, local_steps=local_steps)
   vclient = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0, Keys(None, 0)))
 
@@ -211,40 +288,76 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       dbits = _bits.count(dpay)
     else:
       start = state.params
-      dense = _bits.dense_bits(state.params)
-      _bits.check_int32(dense, "the dense model broadcast", "use a downlink compressor")
-      dbits = jnp.asarray(dense, jnp.int32)
+      dbits = _bits.Bits.const(_bits.dense_bits(state.params))
 
-    # Clients: gather states, train, encode.
-    up_keys = _keys.round_keys(seed_key, state.round, ids, _keys.UPLINK)
-    train_keys = _keys.round_keys(seed_key, state.round, ids, _keys.LOCAL_TRAINING).private
-    payloads, senders, loss, finite = vclient(
-        start, _gather(state.senders, ids), cohort.batches, jnp.asarray(cohort.mask, bool),
-        train_keys, up_keys)
+    # Clients, `chunk` at a time: pad the cohort with weight-0 clients to whole chunks.
+    num = ids.shape[0]
+    n, chunk = chunk_plan(num, clients_per_chunk)
+    pad = n * chunk - num
+    pids = _pad_rows(ids, pad, max(num_clients, 1) - 1)
+    weight = jnp.where(present, jnp.asarray(cohort.weight, jnp.float32), 0.0)
+    up_keys = _keys.round_keys(seed_key, state.round, pids, _keys.UPLINK)
+    xs = _chunked(dict(
+        ids=pids, weight=_pad_rows(weight, pad),
+        batches=jax.tree.map(lambda x: _pad_rows(jnp.asarray(x), pad), cohort.batches),
+        mask=_pad_rows(jnp.asarray(cohort.mask, bool), pad, False),
+        train=_keys.round_keys(seed_key, state.round, pids, _keys.LOCAL_TRAINING).private,
+        private=up_keys.private), n)
+
+    def run_chunk(carry, x):
+      acc, senders_all, receivers_all = carry
+      keys = Keys(up_keys.shared, x["private"])
+      payloads, senders, loss, finite = vclient(
+          start, _gather(senders_all, x["ids"]), x["batches"], x["mask"], x["train"], keys)
+      w = jnp.where(finite, x["weight"], 0.0)
+      receivers = _gather(receivers_all, x["ids"])
+      if uplink.reduce is not None:  # one running payload, decoded once after the chunks
+        part = uplink.reduce(payloads, w)
+        acc = uplink.reduce(jax.tree.map(lambda a, b: jnp.stack([a, b]), acc, part),
+                            jnp.ones((2,), jnp.float32))
+      else:
+        part, receivers = weighted_decode(uplink, payloads, receivers, w, keys, start)
+        acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, part)
+      dest = jnp.where(w > 0, x["ids"], num_clients)  # padding, absent, non-finite: kept
+      carry = (acc, _scatter(senders_all, dest, senders), _scatter(receivers_all, dest, receivers))
+      return carry, (loss, finite, w, _bits.count(payloads, batch_dims=1))
+
+    if uplink.reduce is not None:
+      first = jax.tree.map(lambda x: x[0], xs)
+      acc0 = jax.eval_shape(lambda: uplink.reduce(vclient(
+          start, _gather(state.senders, first["ids"]), first["batches"], first["mask"],
+          first["train"], Keys(up_keys.shared, first["private"]))[0], first["weight"]))
+      acc0 = _zeros_like_payload(acc0)
+    else:
+      acc0 = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), start)
+    carry0 = (acc0, state.senders, state.receivers)
+    if n == 1:
+      (acc, senders, receivers), per = run_chunk(carry0, jax.tree.map(lambda x: x[0], xs))
+      per = jax.tree.map(lambda x: x[:num], per)
+    else:
+      (acc, senders, receivers), per = lax.scan(run_chunk, carry0, xs)
+      per = _unchunked(per, num)
+    loss, finite, w, up_bits = per
 
     # Aggregate over finite participants with normalized weights.
-    use = present & finite
-    w = jnp.where(use, jnp.asarray(cohort.weight, jnp.float32), 0.0)
     total = jnp.sum(w)
-    w = w / jnp.where(total > 0, total, 1.0)
-    agg, receivers = weighted_decode(uplink, payloads, _gather(state.receivers, ids), w,
-                                     up_keys, start)
+    inv = 1.0 / jnp.where(total > 0, total, 1.0)
+    if uplink.reduce is not None:
+      agg_keys = Keys(up_keys.shared, jax.random.fold_in(up_keys.shared, _keys.AGGREGATE))
+      acc, _ = uplink.decode(acc, jax.tree.map(lambda r: r[0], state.receivers), agg_keys,
+                             start)
+    agg = jax.tree.map(lambda a, p: (a.astype(jnp.float32) * inv).astype(jnp.asarray(p).dtype),
+                       acc, start)
 
     # Server optimizer step on the pseudo-gradient.
     updates, opt_state = server_tx.update(agg, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-
-    dest = jnp.where(use, ids, num_clients)
-    state = state.replace(
-        params=params, opt_state=opt_state,
-        senders=_scatter(state.senders, dest, senders),
-        receivers=_scatter(state.receivers, dest, receivers),
-        round=state.round + 1, **new)
-    zero = jnp.zeros_like(ids)
+    state = state.replace(params=params, opt_state=opt_state, senders=senders,
+                          receivers=receivers, round=state.round + 1, **new)
     metrics = RoundMetrics(
-        up_bits=jnp.where(present, _bits.count(payloads, batch_dims=1), zero),
-        down_bits=jnp.where(present, dbits, zero),
-        loss=jnp.where(present, loss, 0.0), finite=finite, weight=w,
+        up_bits=_bits.Bits.where(present, up_bits, 0),
+        down_bits=_bits.Bits.where(present, dbits, 0),
+        loss=jnp.where(present, loss, 0.0), finite=finite, weight=w * inv,
         update_norm=optax.tree.norm(agg).astype(jnp.float32))
     return state, metrics
 

@@ -6,7 +6,11 @@ Public API:
     conv_impl='xla')` (the LBGM paper's CNN: `features=(20, 50), dense=500, kernel_size=5,
     padding='VALID'`), `PatchConv(features, kernel_size=3, padding='SAME')` (im2col conv),
     `ResNet(num_classes, stage_sizes=(1, 1, 1), width=16, groups=4)` (GroupNorm),
-    `CharLM(vocab_size, embed=8, hidden=128)` (GRU).
+    `CharLM(vocab_size, embed=8, hidden=128)` (GRU),
+    `TransformerLM(vocab_size, width=768, layers=12, heads=12, max_len=1024)` (GPT-2 style;
+    `TransformerLM.gpt2_small()` has `GPT2_SMALL_PARAMS` = 124,439,808 parameters).
+  - `im2col_convs(fn)`: `fn` with its convolutions computed as matmuls (what the simulator
+    does on CPU by default, `build_round(conv_impl=...)`).
   - `create(name, num_classes, **kwargs)`, `init_params(model, example_x, key=0)`.
   - `classification_loss(model) -> loss_fn(params, batch, mask, key)`,
     `accuracy(model) -> accuracy_fn(params, batch, mask=None)`,
@@ -17,6 +21,8 @@ Public API:
     dropout on); `from_fedjax_params(name, haiku_params)` converts FedJAX checkpoints.
 """
 
+from fedjax_compress.models._fastconv import im2col_convs
+from fedjax_compress.models._transformer import GPT2_SMALL_PARAMS, TransformerLM
 from fedjax_compress.models._models import (CNN, MLP, CharLM, LogisticRegression, PatchConv,
                                             ResNet, accuracy, classification_loss, create,
                                             evaluate, init_params)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_compress.models import _transformer
+
 
 class LogisticRegression(nn.Module):
   """Multinomial logistic regression on the flattened input: `logits = W vec(x) + b`."""
@@ -160,13 +162,16 @@ class CharLM(nn.Module):
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "logistic": LogisticRegression, "mlp": MLP, "cnn": CNN, "resnet": ResNet,
     "char_lm": lambda num_classes, **kw: CharLM(vocab_size=num_classes, **kw),
+    "transformer_lm": lambda num_classes, **kw: _transformer.TransformerLM(
+        vocab_size=num_classes, **kw),
 }
 
 
 def create(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """Model by name: 'logistic', 'mlp', 'cnn', 'resnet' or 'char_lm' (num_classes = vocab), or
   FedJAX's 'emnist_cnn', 'emnist_dense', 'emnist_logistic', 'shakespeare_lstm',
-  'stackoverflow_lstm', 'cifar100_logistic', 'cifar100_resnet18' (`_fedjax_models`)."""
+  'stackoverflow_lstm', 'cifar100_logistic', 'cifar100_resnet18' (`_fedjax_models`), or
+  'transformer_lm' (GPT-2 style, `TransformerLM`)."""
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
   return _MODELS[name](num_classes=num_classes, **kwargs)

@@ -348,6 +348,39 @@ def check_aggregate(h, num_clients: int = 5, linear: bool = True) -> None:
     assert_trees_close(got, ref, rtol=1e-4, atol=1e-5, what="aggregate vs decode sum")
 
 
+def check_reduce(h, num_clients: int = 5, linear: bool = True) -> None:
+  """`reduce` combines over client chunks, decodes to the decoded avals, and (if `linear`)
+  `decode(reduce(P, w)) == sum_c w_c decode(P_c)`."""
+  h = harness(h)
+  c = h.compressor
+  if c.reduce is None:
+    return
+  s0, r0 = h.init()
+  g = jax.tree.map(lambda *xs: jnp.stack(xs), *[h.updates(c_) for c_ in range(num_clients)])
+  keys = round_keys(jax.random.key(h.seed), 0, jnp.arange(num_clients))
+  _, _, _, payloads = h.step_vmap(g, _stack(s0, num_clients), _stack(r0, num_clients), keys,
+                                  h.params)
+  weights = jnp.linspace(0.5, 1.5, num_clients, dtype=jnp.float32)
+  whole = jax.jit(c.reduce)(payloads, weights)
+  split = 2
+  part = lambda sl: c.reduce(jax.tree.map(lambda x: x[sl], payloads), weights[sl])  # noqa: E731
+  pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), part(slice(0, split)),
+                      part(slice(split, None)))
+  combined = jax.jit(c.reduce)(pair, jnp.ones((2,), jnp.float32))
+  assert jax.tree.structure(whole) == jax.tree.structure(_index(payloads, 0)), "reduce structure"
+  assert_trees_close(_payload_leaves(combined), _payload_leaves(whole), rtol=1e-5, atol=1e-5,
+                     what="reduce over chunks vs all clients")
+  one = Keys(keys.shared, keys.private[0])
+  got, _ = jax.jit(c.decode)(whole, r0, one, h.like)
+  assert_same_avals(got, h.like, "decode(reduce)")
+  if linear:
+    like32 = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), h.like)
+    ref, _ = jax.jit(functools.partial(weighted_decode, c._replace(reduce=None, aggregate=None)))(
+        payloads, _stack(r0, num_clients), weights, keys, like32)
+    ref = jax.tree.map(lambda r, l: r.astype(l.dtype), ref, h.like)
+    assert_trees_close(got, ref, rtol=1e-4, atol=1e-5, what="decode(reduce) vs decode sum")
+
+
 def check_zero_input(h, steps: int = 3) -> None:
   """Zero updates give finite decoded values, payloads and states."""
   h = harness(h)
@@ -369,6 +402,195 @@ def check_rejects_nonfinite(h) -> None:
     except ValueError:
       continue
     raise AssertionError(f"encode accepted updates holding {bad}")
+
+
+# ------------------------------------------------------------------ bad inputs (issue 13)
+
+
+def _float_leaves(tree: PyTree) -> list:
+  return [x for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+
+def _all_finite(*trees: PyTree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32))))
+             for t in trees for x in _float_leaves(t))
+
+
+def _outputs(decoded: PyTree, payload: PyTree) -> tuple:
+  return decoded, _payload_leaves(payload)
+
+
+def scaled_like(tree: PyTree, seed: int, peak: float) -> PyTree:
+  """Random values with `tree`'s avals, each leaf scaled so its largest `|x|` is `peak`."""
+  def leaf(x):
+    x = np.asarray(x, np.float64)
+    m = np.max(np.abs(x)) if x.size else 1.0
+    return x / (m if m > 0 else 1.0) * peak
+  return jax.tree.map(lambda r, l: jnp.asarray(leaf(r), l.dtype),
+                      random_like(jax.tree.map(lambda l: jnp.zeros(np.shape(l), jnp.float32),
+                                               tree), seed), tree)
+
+
+def check_huge_finite(h, peaks: tuple = (1e19, 1e38), steps: int = 2) -> None:
+  """Finite inputs as large as `peaks` (max |x| per leaf) give finite outputs.
+
+  Under `jit` (the cached round trip, `steps` messages from the initial states) decoded
+  values and payloads must be finite; eagerly, the first message at the largest peak
+  must be finite too, or `encode` may raise a `ValueError` that does not blame NaN/Inf.
+  """
+  h = harness(h)
+  for peak in peaks:
+    sender, receiver = h.init()
+    for t in range(steps):
+      g = scaled_like(h.like, h.seed + t, peak)
+      decoded, sender, receiver, payload = h.step_jit(g, sender, receiver,
+                                                      message_keys(h.seed, t), h.params)
+      assert _all_finite(*_outputs(decoded, payload)), (
+          f"non-finite output under jit for finite input of peak {peak:g} (message {t})")
+  g = scaled_like(h.like, h.seed, max(peaks))
+  sender, receiver = h.init()
+  try:
+    decoded, _, _, payload = h.step(g, sender, receiver, message_keys(h.seed, 0), h.params)
+  except ValueError as err:
+    assert "nan" not in str(err).lower(), f"finite input rejected as non-finite: {err}"
+    return
+  assert _all_finite(*_outputs(decoded, payload)), (
+      f"non-finite eager output for finite input of peak {max(peaks):g}")
+
+
+LOW_PRECISION = {"w": jnp.float16, "b": jnp.bfloat16, "conv": jnp.float16}
+_LOW: dict = {}
+
+
+def low_precision_harness(obj: Harness | Entry | Compressor) -> Harness:
+  """A (cached) `Harness` of `obj`'s compressor on the test model in float16 / bfloat16."""
+  h = harness(obj)
+  key = h.entry.name if h.entry is not None else h.compressor
+  if key not in _LOW:
+    like = {k: jnp.zeros(SHAPES[k], LOW_PRECISION[k]) for k in SHAPES}
+    _LOW[key] = Harness(h.compressor, h.entry, h.seed, like=like)
+  return _LOW[key]
+
+
+def check_low_precision(h, peak: float = 6e4, steps: int = 2) -> None:
+  """float16 / bfloat16 updates with `max|x| = peak` (inside float16's range) decode finite.
+
+  Decoded values keep the updates' dtypes (under `jit`, `steps` messages).
+  """
+  lh = low_precision_harness(h)
+  sender, receiver = lh.init()
+  for t in range(steps):
+    g = scaled_like(lh.like, lh.seed + t, peak)
+    decoded, sender, receiver, payload = lh.step_jit(g, sender, receiver,
+                                                     message_keys(lh.seed, t), lh.params)
+    assert_same_avals(decoded, g, "decoded vs low-precision updates")
+    assert _all_finite(*_outputs(decoded, payload)), (
+        f"non-finite output for float16/bfloat16 input of peak {peak:g} (message {t})")
+
+
+def check_nonfinite_propagates(h) -> None:
+  """Under `jit` (no eager check possible) a NaN, or an Inf, in the input is not turned
+  into a finite message: the decoded update holds a NaN or Inf somewhere."""
+  h = harness(h)
+  for bad in (jnp.nan, jnp.inf):
+    sender, receiver = h.init()
+    g = h.updates(0)
+    g["w"] = g["w"].at[1, 2].set(bad)
+    decoded, _, _, _ = h.step_jit(g, sender, receiver, message_keys(h.seed, 0), h.params)
+    assert not _all_finite(decoded), f"a {bad} input decoded to finite values under jit"
+
+
+def _zz(tree: PyTree) -> PyTree:
+  """`tree` plus an empty float32 leaf sorting last (`'zz_empty'`, shape (0,))."""
+  return {**tree, "zz_empty": jnp.zeros((0,), jnp.float32)}
+
+
+def check_empty(h) -> None:
+  """Empty leaves cost 0 bits and decode to empty leaves; empty trees send 0 bits.
+
+  A `(0,)` leaf added to the test model leaves the bits and the other decoded leaves
+  unchanged (one eager message); `{}` and `{'e': float32[0]}` encode to 0 bits and decode
+  to themselves.
+  """
+  h = harness(h)
+  c = h.compressor
+  keys = message_keys(h.seed, 0)
+  g = h.updates(0)
+  sender, receiver = h.init()
+  ref, _, _, ref_payload = h.step_jit(g, sender, receiver, keys, h.params)
+  sender, receiver = c.init(_zz(h.like))
+  decoded, _, _, payload = roundtrip(c, _zz(g), sender, receiver, keys, _zz(h.params))
+  assert int(_bits.count(payload)) == int(_bits.count(ref_payload)), (
+      f"an empty leaf changed the bits: {int(_bits.count(payload))} vs "
+      f"{int(_bits.count(ref_payload))}")
+  assert jnp.shape(decoded["zz_empty"]) == (0,) and decoded["zz_empty"].dtype == jnp.float32
+  assert_trees_close({k: v for k, v in decoded.items() if k != "zz_empty"}, ref,
+                     rtol=1e-5, atol=1e-6, what="other leaves with an empty leaf")
+  for tree in ({}, {"e": jnp.zeros((0,), jnp.float32)}):
+    sender, receiver = c.init(tree)
+    decoded, _, _, payload = roundtrip(c, tree, sender, receiver, keys, tree)
+    assert int(_bits.count(payload)) == 0, f"{tree}: {int(_bits.count(payload))} bits"
+    assert_same_avals(decoded, tree, f"decoded empty tree {tree}")
+
+
+def bad_templates(like: PyTree) -> dict:
+  """Decode templates that do not match `like` (the encoded updates): name -> template."""
+  w = like["w"]
+  return {
+      "transposed": {**like, "w": jnp.zeros(w.shape[::-1], w.dtype)},
+      "bigger": {**like, "w": jnp.zeros((w.shape[0] + 1,) + w.shape[1:], w.dtype)},
+      "extra_leaf": {**like, "x": jnp.zeros((3,), jnp.float32)},
+      "missing_leaf": {k: v for k, v in like.items() if k != "w"},
+  }
+
+
+def check_rejects_bad_template(h) -> None:
+  """`decode` raises `ValueError` for every template in `bad_templates` (eagerly)."""
+  h = harness(h)
+  (_, _, _, _, payload), = h.run(1)
+  _, receiver = h.init()
+  for name, like in bad_templates(h.like).items():
+    try:
+      h.compressor.decode(payload, receiver, message_keys(h.seed, 0), like)
+    except ValueError:
+      continue
+    raise AssertionError(f"decode accepted a template that does not match ({name})")
+
+
+BAD_KEYS = {"none": None, "tuple": (jax.random.key(0), jax.random.key(1)),
+            "ints": Keys(0, 1)}
+
+
+def check_bad_keys(h) -> None:
+  """`keys` that are not `Keys` of PRNG keys: `encode`/`decode` succeed (codecs that use no
+  randomness) or raise a `ValueError` naming `keys`, never an AttributeError or TypeError."""
+  h = harness(h)
+  sender, receiver = h.init()
+  g = h.updates(0)
+  payload, _ = h.compressor.encode(g, sender, message_keys(h.seed, 0), h.params)
+  for name, keys in BAD_KEYS.items():
+    for side in ("encode", "decode"):
+      try:
+        if side == "encode":
+          h.compressor.encode(g, sender, keys, h.params)
+        else:
+          h.compressor.decode(payload, receiver, keys, g)
+      except ValueError as err:
+        assert "keys" in str(err), f"{side} with {name} keys: ValueError not naming keys: {err}"
+      except Exception as err:  # noqa: BLE001
+        raise AssertionError(f"{side} with {name} keys raised {type(err).__name__}: {err}")
+
+
+BAD_INPUT_CHECKS = {
+    "huge_finite": check_huge_finite,
+    "low_precision": check_low_precision,
+    "nonfinite_jit": check_nonfinite_propagates,
+    "empty": check_empty,
+    "bad_template": check_rejects_bad_template,
+    "bad_keys": check_bad_keys,
+}
+"""The registry-driven bad-input checks (tests/test_codec_properties.py runs each on every entry)."""
 
 
 def check_optax_transformation(h, learning_rate: float = 0.1) -> None:
@@ -425,6 +647,7 @@ def check_entry(entry: Entry) -> None:
   if entry.lossless:
     check_lossless(h)
   check_aggregate(h, linear=entry.linear_aggregate)
+  check_reduce(h, linear=entry.linear_aggregate)
   check_zero_input(h)
   check_rejects_nonfinite(h)
   check_optax_transformation(h)
