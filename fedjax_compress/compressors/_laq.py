@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_compress._src import checks
 from fedjax_compress._src import layout
@@ -42,9 +43,14 @@ def _level_dtype(bits: int):
 
 
 def _dequantize(qhat: jax.Array, radius: jax.Array, q: jax.Array, bits: int) -> jax.Array:
-  """`Qhat + 2 tau R q - R` with `tau = 1/(2^b - 1)`; shared by client and server (same rounding)."""
-  step = 2.0 * radius / (2**bits - 1)
-  return qhat + (q.astype(qhat.dtype) * step - radius)
+  """`Qhat + R (2 tau q - 1)` with `tau = 1/(2^b - 1)`; shared by client and server (same rounding).
+
+  `R` multiplies a number in [-1, 1], so nothing overflows before the sum, which saturates
+  at the dtype's range (finite inputs give finite outputs).
+  """
+  y = qhat + radius * (q.astype(qhat.dtype) * (2.0 / (2**bits - 1)) - 1.0)
+  return checks.saturate(y, jnp.isfinite(qhat) & jnp.isfinite(radius),
+                         checks.float_max(qhat.dtype))
 
 
 def quantize_innovation(g: jax.Array, qhat: jax.Array, bits: int
@@ -55,10 +61,11 @@ def quantize_innovation(g: jax.Array, qhat: jax.Array, bits: int
   `eps = ||Q - g||^2`, so `|Q_i - g_i| <= tau R`. `R = 0` gives `q = 0`, `Q = qhat`, no NaN.
   """
   levels = 2**bits - 1
-  inn = g - qhat
-  radius = jnp.max(jnp.abs(inn)) if inn.size else jnp.zeros((), g.dtype)
+  inn = checks.saturate(g - qhat, jnp.isfinite(g) & jnp.isfinite(qhat), checks.float_max(g.dtype))
+  radius = jnp.max(jnp.abs(inn), initial=0.0).astype(g.dtype)
   safe = jnp.where(radius > 0, radius, 1.0)
-  q = jnp.floor((inn + radius) / (2.0 * safe / levels) + 0.5)
+  # (inn + R) / (2 tau R) as (inn / R + 1) / (2 tau): no overflow for R near the dtype's max.
+  q = jnp.floor((checks.ratio(inn, safe) + 1.0) * (levels / 2.0) + 0.5)
   q = jnp.where(radius > 0, jnp.clip(q, 0, levels), 0).astype(_level_dtype(bits))
   big_q = _dequantize(qhat, radius, q, bits)
   eps = jnp.sum(jnp.square(big_q - g))
@@ -79,6 +86,8 @@ def _lazy(bits: int, step_size: float, ck: float, memory: int, t_bar: int,
   def encode_fn(g, state, keys, params=None):
     del keys
     checks.check_finite(g)
+    if g.size == 0:  # an empty model: nothing to send, nothing changes
+      return {}, state
     if params is None:  # no model trajectory: the skip rule's model term stays 0
       diffs, num, prev, seen = state.diffs, state.num_diffs, state.prev_params, state.seen
     else:
@@ -93,7 +102,9 @@ def _lazy(bits: int, step_size: float, ck: float, memory: int, t_bar: int,
     innov = jnp.sum(jnp.square(big_q - state.qhat))
     forced = state.clock >= t_bar
     lazy_ok = innov >= rhs + error_scale * (eps + state.epshat) + offset
-    send = forced | (lazy_ok & (radius > 0))  # R = 0: nothing to send unless forced (3.9)
+    # R = 0: nothing to send unless forced (3.9). A NaN/Inf innovation (possible under jit
+    # only) is always sent, so it propagates instead of being skipped silently.
+    send = forced | (lazy_ok & (radius > 0)) | ~jnp.isfinite(radius)
     with_levels = send & (radius > 0)
     payload = {
         "radius": Field(jnp.where(send, radius, 0.0).reshape(1), jnp.dtype(g.dtype).itemsize * 8,
@@ -110,6 +121,8 @@ def _lazy(bits: int, step_size: float, ck: float, memory: int, t_bar: int,
 
   def decode_fn(payload, state, keys, like):
     del keys, like
+    if not payload:  # empty model
+      return state.qhat, state
     sent = payload["radius"].count > 0
     qhat = state.qhat
     radius = payload["radius"].data[0].astype(qhat.dtype)
@@ -141,11 +154,16 @@ def _whole_model(core: Compressor, bits: int) -> Compressor:
     dtype = _flat_dtype(updates)
     check(dtype)
     flat_params = None if params is None else layout.ravel(params, dtype)
-    return core.encode(layout.ravel(updates, dtype), state, keys, flat_params)
+    payload, state = core.encode(layout.ravel(updates, dtype), state, keys, flat_params)
+    return layout.stamp(payload, updates), state
 
   def decode_fn(payload, state, keys, like):
+    payload = layout.unstamp(payload, like)  # `like` must match the encoded structure/shapes
     vec, state = core.decode(payload, state, keys, None)
-    return layout.unraveler(like)(vec), state
+    wide = jax.tree.map(lambda l: jax.ShapeDtypeStruct(jnp.shape(l), vec.dtype), like)
+    out = jax.tree.map(lambda v, l: checks.cast_finite(v, l.dtype),
+                       layout.unraveler(wide)(vec), like)
+    return out, state
 
   return Compressor(init_fn, encode_fn, decode_fn, None)
 
@@ -154,15 +172,21 @@ def _validate(bits, step_size, ck, memory, t_bar, error_scale, offset):
   bits = checks.check_positive_int(bits, "bits")
   if bits > 32:
     raise ValueError(f"bits must be <= 32, got {bits}")
+  if isinstance(step_size, bool) or not isinstance(step_size, (int, float, np.number)):
+    raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
   step_size = float(step_size)
   if not step_size > 0 or math.isinf(step_size):
     raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
   memory = checks.check_positive_int(memory, "memory")
-  if isinstance(t_bar, bool) or not isinstance(t_bar, int) or t_bar < 0:
+  if isinstance(t_bar, bool) or not isinstance(t_bar, (int, np.integer)) or t_bar < 0:
     raise ValueError(f"t_bar must be an integer >= 0, got {t_bar!r}")
+  t_bar = int(t_bar)
   for name, v in (("ck", ck), ("error_scale", error_scale), ("offset", offset)):
-    if not float(v) >= 0:
-      raise ValueError(f"{name} must be >= 0, got {v}")
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+      raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    # offset = inf is allowed: no lazy upload at all, only the forced ones every t_bar.
+    if not (float(v) >= 0 and (math.isfinite(float(v)) or name == "offset")):
+      raise ValueError(f"{name} must be a finite number >= 0, got {v}")
   return bits, step_size, float(ck), memory, t_bar, float(error_scale), float(offset)
 
 
@@ -220,6 +244,14 @@ def slaq(bits: int = 3, *, step_size: float, ck: float = 0.8, memory: int = 9,
   `xi = ck / (memory + 1)` over the last `memory` model differences (0.8/10 over 9 terms),
   the error term scaled by 0.5 (`error_scale = 0.5 * 3`) and an additive `offset = 0.2`
   (loss-scale dependent; tune it). Minibatch gradients are the caller's choice.
+
+  Rounds 1-9 (our choice): the model term is `xi` times the sum of the differences
+  available so far (none in round 0, `k` in round `k`), i.e. the steady-state rule with
+  the missing history counted as 0. The official `SLAQ.py` differs there: in round
+  `k <= D = 10` it weights by `ck / k` and sums history slots `k-1, ..., 0` of a buffer that
+  is filled from slot `D-1` downwards, so rounds 1-5 read only unfilled (zero) slots and
+  rounds 6-9 the `2k - 10` oldest differences. From round 10 on both sum the 9 newest
+  differences with weight `0.8/10`, the same rule.
 
   Reference: Sun et al., NeurIPS 2019 (stochastic variant); official `SLAQ.py`.
   """

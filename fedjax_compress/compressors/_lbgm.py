@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_compress._src import bits as _bits
+from fedjax_compress._src import checks
 from fedjax_compress._src import keys as _keys
 from fedjax_compress._src import layout
 from fedjax_compress._src.base import Compressor, Field, Keys
@@ -56,15 +59,26 @@ def projection(g: Any, b: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Look-back coefficient and phase error of `g` on `b` (pytrees): `(rho, sin^2, ||b|| > 0)`.
 
   `rho = <g,b>/||b||^2`, `sin^2 = 1 - <g,b>^2/(||g||^2 ||b||^2)` clamped to [0, 1];
-  `sin^2 = 0` when `g = 0` (then `rho = 0` reconstructs `g` exactly). All in float32.
+  `sin^2 = 0` when `g = 0` (then `rho = 0` reconstructs `g` exactly). All in float32, on
+  `g / max|g|` and `b / max|b|` (so no finite input overflows the squared norms); `rho` is
+  inf when `||g|| / ||b||` exceeds float32's range.
   """
   gl = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(g)]
   bl = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(b)]
-  gb = sum(jnp.vdot(x, y) for x, y in zip(gl, bl))
-  gg = sum(jnp.vdot(x, x) for x in gl)
-  bb = sum(jnp.vdot(y, y) for y in bl)
+
+  def unit(xs):
+    m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in xs],
+                         jnp.float32(0.0))
+    safe = jnp.where(m > 0, m, 1.0)
+    return [checks.ratio(x, safe) for x in xs], safe
+
+  gl, sg = unit(gl)
+  bl, sb = unit(bl)
+  gb = sum((jnp.vdot(x, y) for x, y in zip(gl, bl)), jnp.float32(0.0))
+  gg = sum((jnp.vdot(x, x) for x in gl), jnp.float32(0.0))
+  bb = sum((jnp.vdot(y, y) for y in bl), jnp.float32(0.0))
   valid = bb > 0
-  rho = gb / jnp.where(valid, bb, 1.0)
+  rho = gb / jnp.where(valid, bb, 1.0) * checks.ratio(sg, sb)
   denom = jnp.sqrt(gg) * jnp.sqrt(bb)
   cos = gb / jnp.where(denom > 0, denom, 1.0)
   err = jnp.where(gg > 0, jnp.clip(1.0 - cos * cos, 0.0, 1.0), 0.0)
@@ -108,7 +122,12 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
   >>> int(bits.count(p))  # scalar: rho = -2
   36
   """
+  checks.check_compressor(inner, "lbgm: inner")
+  if not isinstance(per_tensor, bool):
+    raise ValueError(f"per_tensor must be a bool, got {per_tensor!r}")
   if threshold is not None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
+      raise ValueError(f"threshold must be a finite number >= 0 or None, got {threshold!r}")
     threshold = float(threshold)
     if not threshold >= 0 or math.isinf(threshold):
       raise ValueError(f"threshold must be a finite number >= 0 or None, got {threshold}")
@@ -125,7 +144,13 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
     return jax.tree.unflatten(jax.tree.structure(like), parts) if per_tensor else parts[0]
 
   def unit_keys(keys: Optional[Keys], i: int) -> Optional[Keys]:
+    if keys is not None:
+      checks.check_keys(keys, "lbgm: keys (Keys, or None for an inner codec without randomness)")
     return _keys.fold_keys(keys, i) if per_tensor else keys
+
+  def empty(unit: Any) -> bool:
+    """Units without elements send nothing (0 bits) and decode to themselves."""
+    return not any(np.size(x) for x in jax.tree.leaves(unit))
 
   def init_fn(params):
     ps = units(params)
@@ -142,11 +167,18 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
     msgs, senders, mirrors, lbgs, has = [], [], [], [], []
     for i, (u, p) in enumerate(zip(us, ps)):
       k = unit_keys(keys, i)
+      if empty(u):
+        msgs.append({"rho": Field(jnp.zeros((0,), jnp.float32), 32), "inner": {}})
+        senders.append(state.inner[i])
+        mirrors.append(state.mirror[i])
+        lbgs.append(state.lbg[i])
+        has.append(state.has_lbg[i])
+        continue
       payload, sender = inner.encode(u, state.inner[i], k, p)
       decoded, mirror = inner.decode(payload, state.mirror[i], k, u)
       g = jax.tree.map(lambda x: x.astype(jnp.float32), decoded)
       rho, err, nonzero = projection(g, state.lbg[i])
-      scalar = state.has_lbg[i] & nonzero & (err <= delta)
+      scalar = state.has_lbg[i] & nonzero & (err <= delta) & jnp.isfinite(rho)
       full = ~scalar
       msgs.append({"rho": Field(jnp.where(scalar, rho, 0.0).reshape(1), 32,
                                 scalar.astype(jnp.int32)),
@@ -164,13 +196,22 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
     outs, receivers, lbgs, has = [], [], [], []
     for i, l in enumerate(ls):
       msg = payload[i]
+      if empty(l):
+        unit_keys(keys, i)
+        outs.append(jax.tree.map(lambda t: jnp.zeros(np.shape(t), t.dtype), l))
+        receivers.append(state.inner[i])
+        lbgs.append(state.lbg[i])
+        has.append(state.has_lbg[i])
+        continue
       scalar = msg["rho"].count > 0
       full = ~scalar
       decoded, receiver = inner.decode(msg["inner"], state.inner[i], unit_keys(keys, i), l)
       g = jax.tree.map(lambda x: x.astype(jnp.float32), decoded)
       rho = msg["rho"].data[0]
-      outs.append(jax.tree.map(lambda b, x, t: jnp.where(scalar, rho * b, x).astype(t.dtype),
-                               state.lbg[i], g, l))
+      outs.append(jax.tree.map(
+          lambda b, x, t: checks.cast_finite(
+              jnp.where(scalar, checks.saturate(rho * b, jnp.isfinite(b)), x), t.dtype),
+          state.lbg[i], g, l))
       receivers.append(_select(full, receiver, state.inner[i]))
       lbgs.append(_select(full, g, state.lbg[i]))
       has.append(state.has_lbg[i] | full)

@@ -32,10 +32,13 @@ def power_sgd(rank: int, *, min_compression_rate: float = 2.0, seed: int = 0) ->
 
   Each leaf with `ndim >= 2` is viewed as `M in R^{n x m}` (first dim x rest). With the
   warm start `Q in R^{m x r}` from the sender state, one power iteration gives
-  `P = orth(M Q)` (reduced QR) and `Q' = M^T P`; the client sends `P` and `Q'` as float32
-  and the receiver decodes `P Q'^T = P P^T M`, the projection of `M` on `span(M Q)`.
-  `Q'` is the next warm start, so repeated messages of a fixed `M` converge to its best
-  rank-`r` approximation, and a rank-`r` `M` is recovered after one message (generic `Q`).
+  `P = orth(M Q)` (reduced QR) and `Q' = M^T P`; the receiver decodes `P Q'^T = P P^T M`,
+  the projection of `M` on `span(M Q)`. `Q'` is the next warm start, so repeated messages
+  of a fixed `M` converge to its best rank-`r` approximation, and a rank-`r` `M` is
+  recovered after one message (generic `Q`). To stay finite for any finite `M`, the
+  iteration runs on `M / s` with `s = max|M|` (`P` does not change) and the client sends
+  `s P` and `Q'/s` as float32 (same product, same bits; the warm start is `Q'/s`);
+  decoded values saturate at the output dtype's range.
   A leaf is compressed only if `n m >= min_compression_rate * r (n + m)`; others (all
   1-D leaves) are sent at their own dtype.
 
@@ -102,18 +105,26 @@ def power_sgd(rank: int, *, min_compression_rate: float = 2.0, seed: int = 0) ->
         qs.append(q)
         continue
       mat = x.reshape(_matrix_shape(np.shape(x))).astype(jnp.float32)
+      scale = jnp.max(jnp.abs(mat), initial=0.0)
+      unit = checks.ratio(mat, jnp.where(scale > 0, scale, 1.0))  # M / max|M|: no overflow
       # Householder QR completes the basis when M Q is rank deficient (e.g. M = 0), so
       # P stays orthonormal and the warm start never collapses to zero for good.
-      p, _ = jnp.linalg.qr(mat @ q)
-      q_new = mat.T @ p
-      msgs.append({"p": Field(p, 32), "q": Field(q_new, 32)})
+      p, _ = jnp.linalg.qr(unit @ q)
+      q_new = unit.T @ p  # M^T P / max|M|: P = orth(M Q) does not depend on Q's scale
+      msgs.append({"p": Field(p * scale, 32), "q": Field(q_new, 32)})
       qs.append(q_new)
     return layout.stamp(tuple(msgs), updates), PowerSGDState(tuple(qs))
 
+  def _product(p, q, spec="nr,mr->nm", *args):
+    """`P Q^T` (or a weighted sum of them), saturating at float32's range for finite P, Q."""
+    finite = jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(q))
+    return checks.saturate(jnp.einsum(spec, *args, p, q), finite)
+
   def _leaf(msg, like):
     if "raw" in msg:
-      return msg["raw"].data.astype(like.dtype)
-    return (msg["p"].data @ msg["q"].data.T).reshape(np.shape(like)).astype(like.dtype)
+      return checks.cast_finite(msg["raw"].data, like.dtype)
+    y = _product(msg["p"].data, msg["q"].data)
+    return checks.cast_finite(y.reshape(np.shape(like)), like.dtype)
 
   def decode_fn(payload, state, keys, like):
     del keys
@@ -131,8 +142,8 @@ def power_sgd(rank: int, *, min_compression_rate: float = 2.0, seed: int = 0) ->
       if "raw" in msg:
         y = jnp.tensordot(w, msg["raw"].data.astype(jnp.float32), axes=1)
       else:
-        y = jnp.einsum("c,cnr,cmr->nm", w, msg["p"].data, msg["q"].data)
-      out.append(y.reshape(np.shape(l)).astype(l.dtype))
+        y = _product(msg["p"].data, msg["q"].data, "c,cnr,cmr->nm", w)
+      out.append(checks.cast_finite(y.reshape(np.shape(l)), l.dtype))
     return jax.tree.unflatten(jax.tree.structure(like), out)
 
   return Compressor(init_fn, encode_fn, decode_fn, aggregate_fn)
