@@ -15,9 +15,10 @@ from fedjax_compress.compressors._lowrank import PowerSGDState, power_sgd
 from fedjax_compress.compressors._quantize import qsgd, sign_sgd
 from fedjax_compress.compressors._sketch import count_sketch
 from fedjax_compress.compressors._sparsify import random_k, top_k
+from fedjax_compress.compressors._uniform import uniform
 
 __all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "count_sketch", "power_sgd",
-           "PowerSGDState", "lbgm", "laq", "slaq", "hsq",
+           "PowerSGDState", "lbgm", "laq", "slaq", "hsq", "uniform",
            "m22", "per_bit_accuracy", "PerBitAccuracy",
            "intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
            "intrinsic_static_downlink", "intrinsic_k_subspace_downlink", "SubspaceCoords",
