@@ -103,6 +103,16 @@ class FwhtTest(parameterized.TestCase):
       ops.fwht(jnp.ones(12), method="native")
     assert not _native.available(jnp.bfloat16)
 
+  @parameterized.parameters((3, 4096), (200, 64), (5, 3, 256), (1, 64))
+  def test_pallas_odd_and_non_multiple_leading_shapes(self, *shape):
+    """Every row is written when the row count reaching a pass is not a multiple of 128."""
+    x = np.random.default_rng(sum(shape)).standard_normal(shape)
+    got = np.asarray(_pallas_hadamard.fwht_pallas(jnp.asarray(x, jnp.float32), interpret=True))
+    ref = np.stack([_np_fwht(r) for r in x.reshape(-1, shape[-1])]).reshape(shape)
+    assert np.all(np.isfinite(got))
+    for row, ref_row in zip(got.reshape(-1, shape[-1]), ref.reshape(-1, shape[-1])):
+      assert _rel_err(row, ref_row) <= 1e-6
+
   def test_kron_factors(self):
     for log2n in range(0, 30):
       f = _hadamard.kron_factors(log2n, 7)

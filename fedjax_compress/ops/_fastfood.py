@@ -14,11 +14,32 @@ last block fewer), and the concatenation is divided by `sqrt(D / L)`. All blocks
 block `next_pow2(max(D_last, d))` instead; with equal `L` its normalization is unchanged
 in expectation. With one block this is exactly the global map (`key` folded with 0).
 
+Factors are never stored: `FastfoodParams` keeps the block keys and the normalization, and
+`fastfood_project` / `fastfood_transpose` regenerate `B`, `P`, `G` inside the program where
+they are used. With `permutation='feistel'` and `generator='hash'` every factor is an
+elementwise function of the index (a keyed Feistel bijection, keyed integer hashes), so XLA
+computes it inside the fused multiply / gather that consumes it: no sort, no random-bit
+pass, no `[nb, L]` factor buffers. The uniform permutation (`jax.random.permutation`, a
+sort) is the only factor that must be materialized.
+
+Defaults (`'auto'`): maps with `next_pow2(max(D, d)) <= AUTO_GLOBAL_MAX` (2^16) are the
+spec's exact global map (uniform permutation, `jax.random` signs and normals); larger maps
+are blocked with `D_b = max(AUTO_BLOCK_ROWS, next_pow2(d))` rows per block (square blocks,
+`L = D_b`: no padding waste except in the last block, one block fits the L2 cache) and use
+the Feistel permutation and hashed factors. Both satisfy the map's tests (adjoint, dense
+float64 reference, column norms, `V^T V` off-diagonals <= 6/sqrt(D), `E[V V^T] = (d/D) I`).
+
 Memory is `O(nb L) = O(D)`; `V` is never materialized. `fastfood_transpose` is the exact
-adjoint: `V^T y = c E_d^T B H P^T G H R_D^T y` (the inverse permutation is a scatter).
+adjoint: `V^T y = c E_d^T B H P^T G H R_D^T y` (the inverse permutation is a gather through
+the inverse Feistel, or a scatter for the uniform permutation). Inputs are rescaled by a
+power of two (exact) before the transforms, so no intermediate overflows for any finite
+input; results beyond float32's range saturate at its largest finite value.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,32 +50,67 @@ from fedjax_compress._src import checks
 from fedjax_compress._src.keys import as_key
 from fedjax_compress.ops import _hadamard
 
+AUTO_GLOBAL_MAX = 1 << 16
+"""'auto' keeps the spec's exact global map up to this padded length `next_pow2(max(D, d))`."""
+AUTO_BLOCK_ROWS = 1 << 16
+"""Rows per block of the 'auto' blocked map (at least `next_pow2(d)`): one block's FWHT and
+permutation stay in the L2 cache."""
+
+PERMUTATIONS = ("auto", "uniform", "feistel")
+GENERATORS = ("auto", "threefry", "hash")
+_FEISTEL_ROUNDS = 6
+_F32_MAX = float(np.finfo(np.float32).max)
+
 
 @struct.dataclass
 class FastfoodParams:
-  """Random factors of one Fastfood map (arrays carry a leading block axis `[nb, L]`).
+  """One Fastfood map: block keys, normalization and static shape (factors are regenerated).
 
   `scale[b] = 1 / (sqrt(L ||G_b||^2) sqrt(D / L))` already includes the global factor.
+  Factors drawn with `jax.random` (threefry normals and signs, the sorted uniform
+  permutation) are stored as `[nb, L]` tables; the Feistel permutation and hashed factors are
+  computed where they are used. `signs`, `perm`, `gauss` (and `inverse_perm`) return the
+  factors as `[nb, L]` arrays either way (for tests and references).
   """
 
-  signs: jax.Array   # f32[nb, L], +-1 (B)
-  perm: jax.Array    # int32[nb, L] (P: gather x[perm])
-  gauss: jax.Array   # f32[nb, L] (G)
-  scale: jax.Array   # f32[nb]
+  keys: jax.Array                    # typed key[nb]: fold_in(key, b)
+  scale: jax.Array                   # f32[nb]
+  perm_table: Optional[jax.Array]    # int32[nb, L] uniform permutation (None: Feistel)
+  signs_table: Optional[jax.Array]   # f32[nb, L] threefry signs (None: hashed)
+  gauss_table: Optional[jax.Array]   # f32[nb, L] threefry normals (None: hashed or G := 1)
   d: int = struct.field(pytree_node=False)
   D: int = struct.field(pytree_node=False)
   block_rows: int = struct.field(pytree_node=False)
+  L: int = struct.field(pytree_node=False)  # pylint: disable=invalid-name
   method: str = struct.field(pytree_node=False, default="auto")
-
-  @property
-  def L(self) -> int:  # pylint: disable=invalid-name
-    """Padded (power-of-two) length of every block."""
-    return int(self.signs.shape[-1])
+  permutation: str = struct.field(pytree_node=False, default="uniform")
+  generator: str = struct.field(pytree_node=False, default="threefry")
+  gaussian: bool = struct.field(pytree_node=False, default=True)
 
   @property
   def num_blocks(self) -> int:
     """Number of stacked blocks `nb`."""
-    return int(self.signs.shape[0])
+    return int(self.keys.shape[-1])
+
+  @property
+  def signs(self) -> jax.Array:
+    """`B`: f32[nb, L] of +-1."""
+    return _signs(self, self.L)
+
+  @property
+  def perm(self) -> jax.Array:
+    """`P`: int32[nb, L] (gather: `(P x)_i = x[perm[i]]`)."""
+    return _perm(self)
+
+  @property
+  def inverse_perm(self) -> jax.Array:
+    """`P^T`: int32[nb, L] with `inverse_perm[perm[i]] = i`."""
+    return _inverse_perm(self)
+
+  @property
+  def gauss(self) -> jax.Array:
+    """`G`: f32[nb, L]."""
+    return _gauss(self)
 
 
 def check_dims(d: int, D: int) -> tuple[int, int]:  # pylint: disable=invalid-name
@@ -67,12 +123,8 @@ def check_dims(d: int, D: int) -> tuple[int, int]:  # pylint: disable=invalid-na
   return d, D
 
 
-_FEISTEL_ROUNDS = 6
-PERMUTATIONS = ("uniform", "feistel")
-
-
 def _mix32(x: jax.Array) -> jax.Array:
-  """A 32-bit integer hash (xorshift-multiply finalizer), elementwise on uint32."""
+  """A 32-bit integer hash (xorshift-multiply finalizer), elementwise on uint32; a bijection."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
@@ -80,20 +132,31 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def _keyed_hash(i: jax.Array, words: jax.Array) -> jax.Array:
+  """`mix32(mix32(i ^ k0) + k1)`: keyed 32-bit hash of uint32 indices (`words` = uint32[2])."""
+  return _mix32(_mix32(i ^ words[0]) + words[1])
+
+
+def _feistel_setup(key, n: int):
+  log2n = _hadamard.check_length(n)
+  round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+  return log2n, round_keys, log2n - log2n // 2, log2n // 2   # widths of (a, b)
+
+
 def feistel_permutation(key, n: int) -> jax.Array:
   """Pseudo-random permutation of `0..n-1` (`n` a power of two) without sorting, O(n).
 
   Index bits are split in two halves `(a, b)` and `6` keyed Feistel rounds
   `(a, b) -> (b, a XOR hash(b XOR k_r) mod 2^|a|)` are applied; every round is a bijection,
-  so the result is a permutation (pseudo-random, not uniform over all `n!`). ~1 memory pass
-  instead of the several sorts of `jax.random.permutation`.
+  so the result is a permutation (pseudo-random, not uniform over all `n!`). An elementwise
+  function of the index: inside `jit` it fuses into the gather that uses it. `n < 4` falls
+  back to `jax.random.permutation`.
   """
   log2n = _hadamard.check_length(n)
   if log2n < 2:
     return jax.random.permutation(key, n).astype(jnp.int32)
-  round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+  _, round_keys, wa, wb = _feistel_setup(key, n)
   i = jnp.arange(n, dtype=jnp.uint32)
-  wa, wb = log2n - log2n // 2, log2n // 2        # bit widths of (a, b)
   a, b = i >> wb, i & jnp.uint32((1 << wb) - 1)
   for r in range(_FEISTEL_ROUNDS):
     f = _mix32(b ^ round_keys[r]) & jnp.uint32((1 << wa) - 1)
@@ -101,20 +164,112 @@ def feistel_permutation(key, n: int) -> jax.Array:
   return ((a << wb) | b).astype(jnp.int32)
 
 
-def fastfood_params(key, d: int, D: int, *, block_rows: int | None = None,  # pylint: disable=invalid-name
-                    gaussian: bool = True, method: str = "auto",
-                    permutation: str = "uniform") -> FastfoodParams:
-  """Regenerate the Fastfood factors of `V: R^d -> R^D` from `key` (works inside `jit`).
+def feistel_inverse(key, n: int) -> jax.Array:
+  """Inverse of `feistel_permutation(key, n)`: `inv[perm[i]] = i` (the rounds run backwards)."""
+  log2n = _hadamard.check_length(n)
+  if log2n < 2:
+    perm = jax.random.permutation(key, n).astype(jnp.int32)
+    return jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32))
+  _, round_keys, wa, wb = _feistel_setup(key, n)
+  if _FEISTEL_ROUNDS % 2:
+    wa, wb = wb, wa
+  j = jnp.arange(n, dtype=jnp.uint32)
+  a, b = j >> wb, j & jnp.uint32((1 << wb) - 1)
+  for r in reversed(range(_FEISTEL_ROUNDS)):
+    # forward: (a', b') -> (b', a' ^ f(b')), f masked to |a'| = |b| bits
+    f = _mix32(a ^ round_keys[r]) & jnp.uint32((1 << wb) - 1)
+    a, b, wa, wb = b ^ f, a, wb, wa
+  return ((a << wb) | b).astype(jnp.int32)
+
+
+def _sub_keys(p: FastfoodParams):
+  """Per-block (signs, permutation, gauss) keys, each a typed key[nb] (as in `split(key, 3)`)."""
+  ks = jax.vmap(lambda k: jax.random.split(k, 3))(p.keys)
+  return ks[:, 0], ks[:, 1], ks[:, 2]
+
+
+def _hash_words(keys: jax.Array) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)   # uint32[nb, 2]
+
+
+def _signs(p: FastfoodParams, n: int) -> jax.Array:
+  """First `n` entries of every block's signs `B`: f32[nb, n]."""
+  if p.signs_table is not None:
+    return p.signs_table[:, :n]
+  kb, _, _ = _sub_keys(p)
+  i = jnp.arange(n, dtype=jnp.uint32)
+  h = jax.vmap(lambda w: _keyed_hash(i, w))(_hash_words(kb))
+  return 1.0 - 2.0 * (h >> 31).astype(jnp.float32)
+
+
+def _gauss(p: FastfoodParams) -> jax.Array:
+  """`G`: f32[nb, L] (ones when `gaussian=False`)."""
+  if p.gauss_table is not None:
+    return p.gauss_table
+  if not p.gaussian:
+    return jnp.ones((p.num_blocks, p.L), jnp.float32)
+  _, _, kg = _sub_keys(p)
+  i = jnp.arange(p.L, dtype=jnp.uint32)
+  h = jax.vmap(lambda w: _keyed_hash(i, w))(_hash_words(kg))
+  # u = (m + 1/2) 2^-24 with m the top 24 bits; 2u - 1 = (2m + 1 - 2^24) 2^-24 exactly.
+  t = ((h >> 8).astype(jnp.int32) * 2 + (1 - (1 << 24))).astype(jnp.float32) * (2.0 ** -24)
+  return jnp.float32(np.sqrt(2.0)) * jax.lax.erf_inv(t)
+
+
+def _perm(p: FastfoodParams) -> jax.Array:
+  if p.perm_table is not None:
+    return p.perm_table
+  _, kp, _ = _sub_keys(p)
+  return jax.vmap(lambda k: feistel_permutation(k, p.L))(kp)
+
+
+def _inverse_perm(p: FastfoodParams) -> jax.Array:
+  if p.perm_table is not None:
+    idx = jnp.broadcast_to(jnp.arange(p.L, dtype=jnp.int32), p.perm_table.shape)
+    return jax.vmap(lambda t, i: jnp.zeros_like(t).at[t].set(i, unique_indices=True))(
+        p.perm_table, idx)
+  _, kp, _ = _sub_keys(p)
+  return jax.vmap(lambda k: feistel_inverse(k, p.L))(kp)
+
+
+def resolve(d: int, D: int, block_rows, permutation: str, generator: str  # pylint: disable=invalid-name
+            ) -> tuple[int, int, str, str]:
+  """`(rows, L, permutation, generator)` of a map after the 'auto' rules (module docstring)."""
+  small = _hadamard.next_power_of_two(max(D, d)) <= AUTO_GLOBAL_MAX
+  if block_rows == "auto":
+    rows = D if small else max(AUTO_BLOCK_ROWS, _hadamard.next_power_of_two(d))
+  elif block_rows is None:
+    rows = D
+  else:
+    rows = checks.check_positive_int(block_rows, "block_rows")
+  rows = min(rows, D)
+  if permutation == "auto":
+    permutation = "uniform" if small else "feistel"
+  if generator == "auto":
+    generator = "threefry" if small else "hash"
+  return rows, _hadamard.next_power_of_two(max(rows, d)), permutation, generator
+
+
+def fastfood_params(key, d: int, D: int, *, block_rows: int | str | None = "auto",  # pylint: disable=invalid-name
+                    gaussian: bool = True, method: str = "auto", permutation: str = "auto",
+                    generator: str = "auto") -> FastfoodParams:
+  """The Fastfood map `V: R^d -> R^D` of `key` (works inside `jit`; factors regenerated lazily).
 
   Args:
     key: typed key, raw key data or int seed; block `b` uses `fold_in(key, b)`.
     d, D: input and output dimensions, `0 < d <= D` (static).
-    block_rows: rows per block `D_b` (None: one global block, the spec's exact map).
+    block_rows: rows per block `D_b`; None: one global block (the spec's exact map);
+      'auto': global up to `AUTO_GLOBAL_MAX`, else `max(AUTO_BLOCK_ROWS, next_pow2(d))`.
     gaussian: if False, `G := 1` (then `V` is orthogonal when `d = D = L`; a test map).
     method: FWHT method used by project/transpose (see `fwht`).
-    permutation: 'uniform' (`jax.random.permutation`, the spec's uniform `Pi`; sort-based,
-      the dominant cost of regenerating a large map) or 'feistel' (`feistel_permutation`:
-      pseudo-random, O(L), much cheaper to regenerate every round).
+    permutation: 'uniform' (`jax.random.permutation`, the spec's uniform `Pi`; sort-based and
+      materialized), 'feistel' (`feistel_permutation`: pseudo-random, computed inside the
+      gather) or 'auto' (uniform for small maps, else Feistel).
+    generator: signs and normals from 'threefry' (`jax.random`) or 'hash' (keyed integer
+      hashes; normals by the inverse error function of a 24-bit uniform); 'auto' as above.
+
+  Costs: the normalization `||G_b||^2` is computed here (one regeneration of `G`, no memory
+  traffic with 'hash'); the uniform permutation is a sort of length `L` per block.
 
   >>> p = fastfood_params(0, 3, 5)
   >>> (p.num_blocks, p.L, p.d, p.D)
@@ -125,29 +280,57 @@ def fastfood_params(key, d: int, D: int, *, block_rows: int | None = None,  # py
     raise ValueError(f"method must be one of {_hadamard.METHODS}, got {method!r}")
   if permutation not in PERMUTATIONS:
     raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
-  rows = D if block_rows is None else checks.check_positive_int(block_rows, "block_rows")
-  rows = min(rows, D)
+  if generator not in GENERATORS:
+    raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+  if isinstance(block_rows, str) and block_rows != "auto":
+    raise ValueError(f"block_rows must be a positive int, None or 'auto', got {block_rows!r}")
+  rows, L, permutation, generator = resolve(d, D, block_rows, permutation, generator)  # pylint: disable=invalid-name
+  return _make_params(as_key(key), d, D, rows, L, method, permutation, generator,  # pylint: disable=invalid-name
+                      bool(gaussian))
+
+
+@functools.partial(jax.jit, static_argnums=range(1, 9))
+def _make_params(key, d, D, rows, L, method, permutation, generator, gaussian):  # pylint: disable=invalid-name
+  """The arrays of `fastfood_params` (one compiled program per static configuration)."""
   nb = -(-D // rows)
-  L = _hadamard.next_power_of_two(max(rows, d))  # pylint: disable=invalid-name
-  key = as_key(key)
-
-  def one_block(b):
-    kb, kp, kg = jax.random.split(jax.random.fold_in(key, b), 3)
-    signs = jax.random.rademacher(kb, (L,), jnp.float32)
-    perm = (jax.random.permutation(kp, L).astype(jnp.int32) if permutation == "uniform"
-            else feistel_permutation(kp, L))
-    gauss = (jax.random.normal(kg, (L,), jnp.float32) if gaussian
-             else jnp.ones((L,), jnp.float32))
-    return signs, perm, gauss
-
-  signs, perm, gauss = jax.vmap(one_block)(jnp.arange(nb, dtype=jnp.uint32))
-  sq = jnp.sum(jnp.square(gauss), axis=-1)
+  keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(nb, dtype=jnp.uint32))
+  p = FastfoodParams(keys, jnp.zeros((nb,), jnp.float32), None, None, None, d, D, rows, L,
+                     method, permutation, generator, gaussian)
+  kb, kp, kg = _sub_keys(p)
+  if permutation == "uniform":
+    p = p.replace(perm_table=jax.vmap(
+        lambda k: jax.random.permutation(k, L).astype(jnp.int32))(kp))
+  if generator == "threefry":
+    p = p.replace(signs_table=jax.vmap(lambda k: jax.random.rademacher(k, (L,), jnp.float32))(kb))
+    if gaussian:
+      p = p.replace(gauss_table=jax.vmap(lambda k: jax.random.normal(k, (L,), jnp.float32))(kg))
+  sq = jnp.sum(jnp.square(_gauss(p)), axis=-1)
   scale = jax.lax.rsqrt(jnp.float32(L) * sq) * jnp.float32(np.sqrt(L / D))
-  return FastfoodParams(signs, perm, gauss, scale, d, D, rows, method)
+  return p.replace(scale=scale)
 
 
 def _fwht(p: FastfoodParams, x: jax.Array) -> jax.Array:
   return _hadamard.fwht(x, method=p.method)
+
+
+def pow2_scale(x: jax.Array) -> jax.Array:
+  """A power of two `s` with `max|x| / s` in `[1, 2)` when `max|x| > 1`, else 1 (a constant
+  for differentiation).
+
+  Dividing by `s` is exact (no rounding), so a linear transform of `x / s` times `s` equals
+  that of `x` bit for bit wherever the latter does not overflow; with `max|x / s| < 2` no
+  intermediate of the Fastfood transforms can overflow.
+  """
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x))) if x.size else jnp.float32(0)
+  big = jnp.isfinite(m) & (m > 1)
+  _, e = jnp.frexp(jnp.where(big, m, 1.0))
+  return jnp.where(big, jnp.ldexp(jnp.float32(1), e - 1), jnp.float32(1))
+
+
+def _unscale(x: jax.Array, s: jax.Array) -> jax.Array:
+  """`x * s`, finite results beyond float32's range saturated at its largest value."""
+  big = (jnp.abs(x) > _F32_MAX / s) & jnp.isfinite(x)
+  return jnp.where(big, jnp.sign(x) * _F32_MAX, x * s)
 
 
 def fastfood_project(p: FastfoodParams, z: jax.Array) -> jax.Array:
@@ -156,11 +339,17 @@ def fastfood_project(p: FastfoodParams, z: jax.Array) -> jax.Array:
   z = jnp.asarray(z, jnp.float32)
   if z.shape != (p.d,):
     raise ValueError(f"z must have shape ({p.d},), got {z.shape}")
-  x = jnp.pad(z, (0, p.L - p.d))[None, :] * p.signs            # B E_d z, per block
-  x = _fwht(p, x)
-  x = jnp.take_along_axis(x, p.perm, axis=-1)                   # gather: x[perm]
-  x = _fwht(p, x * p.gauss) * p.scale[:, None]
-  return x[:, :p.block_rows].reshape(-1)[:p.D]                 # keep D_b rows per block
+  return _project(p, z)
+
+
+@jax.jit
+def _project(p: FastfoodParams, z: jax.Array) -> jax.Array:
+  s = pow2_scale(z)
+  x = (z / s)[None, :] * _signs(p, p.d)                         # B E_d z, per block
+  x = _fwht(p, jnp.pad(x, ((0, 0), (0, p.L - p.d))))
+  x = jnp.take_along_axis(x, _perm(p), axis=-1, mode="promise_in_bounds")   # x[perm]
+  x = _fwht(p, x * _gauss(p)) * p.scale[:, None]
+  return _unscale(x[:, :p.block_rows].reshape(-1)[:p.D], s)    # keep D_b rows per block
 
 
 def fastfood_transpose(p: FastfoodParams, y: jax.Array) -> jax.Array:
@@ -169,11 +358,22 @@ def fastfood_transpose(p: FastfoodParams, y: jax.Array) -> jax.Array:
   y = jnp.asarray(y, jnp.float32)
   if y.shape != (p.D,):
     raise ValueError(f"y must have shape ({p.D},), got {y.shape}")
+  return _transpose(p, y)
+
+
+@jax.jit
+def _transpose(p: FastfoodParams, y: jax.Array) -> jax.Array:
+  s = pow2_scale(y)
   nb, rows = p.num_blocks, p.block_rows
-  x = jnp.pad(y, (0, nb * rows - p.D)).reshape(nb, rows)
+  x = jnp.pad(y / s, (0, nb * rows - p.D)).reshape(nb, rows)
   x = jnp.pad(x, ((0, 0), (0, p.L - rows))) * p.scale[:, None]
-  x = _fwht(p, x) * p.gauss
-  # Inverse permutation = scatter: u[perm[i]] = x[i] (perm is a bijection, no collisions).
-  x = jax.vmap(lambda xi, pi: jnp.zeros_like(xi).at[pi].set(xi, unique_indices=True))(x, p.perm)
-  x = _fwht(p, x) * p.signs
-  return jnp.sum(x[:, :p.d], axis=0)
+  x = _fwht(p, x) * _gauss(p)
+  # P^T: u[perm[i]] = x[i], i.e. a gather through the inverse permutation (a scatter for a
+  # stored uniform permutation).
+  if p.perm_table is not None:
+    x = jax.vmap(lambda xi, pi: jnp.zeros_like(xi).at[pi].set(xi, unique_indices=True))(
+        x, p.perm_table)
+  else:
+    x = jnp.take_along_axis(x, _inverse_perm(p), axis=-1, mode="promise_in_bounds")
+  x = _fwht(p, x)[:, :p.d] * _signs(p, p.d)
+  return _unscale(jnp.sum(x, axis=0), s)

@@ -21,6 +21,12 @@ from fedjax_compress.ops import _hadamard
 
 PALLAS_MAX_LOG2 = 6
 _BLOCK = 128  # rows / columns per kernel program (a power of two)
+_MIN_ROWS = 16  # smallest row block (GPU matmul tiles need >= 16 rows)
+
+
+def _lowbit(n: int) -> int:
+  """Largest power of two dividing `n` (n >= 1)."""
+  return n & -n
 
 
 def _right_kernel(h_ref, x_ref, o_ref):
@@ -39,17 +45,26 @@ def _apply_factor(y: jax.Array, m: int, interpret: bool) -> jax.Array:
   h = jnp.asarray(_hadamard.hadamard_matrix_np(m), y.dtype)
   if post == 1:
     rows = y.reshape(pre, m)
-    br = min(pre, _BLOCK)
+    # Every row must be covered by a whole block: blocks of the largest power of two
+    # (<= _BLOCK) that divides the row count; counts with a small power-of-two part (odd,
+    # 200 = 8 * 25, ...) are first padded to a multiple of _MIN_ROWS (matmul tiles below 16
+    # rows do not lower on GPUs). (Blocks of min(pre, 128) left the rows past the last whole
+    # block unwritten.)
+    pad = -pre % _MIN_ROWS if _lowbit(pre) < _MIN_ROWS else 0
+    if pad:
+      rows = jnp.pad(rows, ((0, pad), (0, 0)))
+    total = pre + pad
+    br = min(_BLOCK, _lowbit(total))
     out = pl.pallas_call(
         _right_kernel,
         out_shape=jax.ShapeDtypeStruct(rows.shape, y.dtype),
-        grid=(pre // br,),
+        grid=(total // br,),
         in_specs=[pl.BlockSpec((m, m), lambda i: (0, 0)),
                   pl.BlockSpec((br, m), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((br, m), lambda i: (i, 0)),
         interpret=interpret,
     )(h, rows)
-    return out.reshape(y.shape)
+    return out[:pre].reshape(y.shape)
   bp = min(post, _BLOCK)
   return pl.pallas_call(
       _left_kernel,
