@@ -357,3 +357,14 @@ def test_readme_own_arrays_snippet_runs():
   assert fd.num_clients == 100 and fd.client_sizes().sum() == 500
   c = federated.sample_cohort(fd, 0, cohort_size=4, local_steps=1, batch_size=3)
   assert c.batches["x"].shape == (4, 1, 3, 4)
+
+
+def test_runner_loads_digits_by_name():
+  pytest.importorskip("sklearn")
+  from experiments.common import runner
+  d = runner.make_dataset({"name": "digits", "num_clients": 6, "partition": "classes",
+                           "classes_per_client": 3, "seed": 1})
+  ref = data.load_digits(6, partition="classes", classes_per_client=3, seed=1)
+  assert d.name == ref.name and d.num_clients == 6
+  for a, b in zip(d.clients, ref.clients):
+    np.testing.assert_array_equal(a["y"], b["y"])

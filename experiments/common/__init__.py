@@ -4,12 +4,17 @@ Public API:
   - `run_experiment(config, workdir, *, progress=True, callback=None) -> list[dict]`.
   - `build_experiment(config) -> Experiment`, `final_state(config, workdir) -> ServerState`.
   - `make_compressor(name, kwargs=None, *, ef=False) -> Compressor`, `available()`.
-  - `make_dataset(cfg)`, `make_server_tx(name, lr)`.
+  - `make_dataset(cfg)` (name -> loader table `DATASETS`, else tfds), `make_server_tx(name, lr)`.
+  - `validate_config(config) -> ConfigDict` (ValueError naming the bad field), `Terminated`
+    (SIGTERM during a run), `WorkdirBusy` (another process runs in the workdir).
 """
 
 from experiments.common.compressors import available, make_compressor
-from experiments.common.runner import (Experiment, build_experiment, final_state, make_dataset,
-                                       make_server_tx, run_experiment)
+from experiments.common.checkpoint import WorkdirBusy
+from experiments.common.runner import (DATASETS, Experiment, Terminated, build_experiment,
+                                       final_state, make_dataset, make_server_tx, run_experiment,
+                                       validate_config)
 
 __all__ = ["run_experiment", "build_experiment", "final_state", "Experiment",
-           "make_compressor", "available", "make_dataset", "make_server_tx"]
+           "make_compressor", "available", "make_dataset", "make_server_tx", "DATASETS",
+           "validate_config", "Terminated", "WorkdirBusy"]

@@ -1,50 +1,94 @@
-"""Orbax checkpoints of the `ServerState` (resume from the latest step).
+"""Run-level safety around the library checkpoints: one writer per workdir, config diffs.
 
-The state is stored as a flat `{leaf index: array}` dict of its non-empty leaves: orbax
-refuses zero-size arrays, which compressor states legitimately hold (e.g. PowerSGD's
-placeholder for 1-D leaves). Empty leaves carry no data and are rebuilt from the template.
+The checkpoint files themselves are `fedjax_compress.checkpoint` (verified, atomic,
+keep-last-N); this module adds what only a run directory needs:
+
+  - `WorkdirLock(workdir)`: an exclusive `fcntl.flock` on `<workdir>/.lock`. The kernel drops
+    the lock when its process exits, however it dies (kill -9 included), so a lock left by a
+    dead process never blocks a rerun; a second live writer gets `WorkdirBusy` naming the
+    holder's pid. The file is never deleted (deleting it would let two processes lock two
+    different inodes of the same name).
+  - `config_diff(old, new)`: the dotted names of the fields that differ, ignoring `rounds`
+    (the one field a resumed run may change).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from typing import Any, Optional
 
-import jax
-import orbax.checkpoint as ocp
+try:
+  import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+  fcntl = None
+
+LOCK_NAME = ".lock"
 
 
-class Checkpointer:
-  """Synchronous orbax `CheckpointManager` over `<workdir>/ckpt`, keeping the last `keep`."""
+class WorkdirBusy(RuntimeError):
+  """Another live process holds the workdir's lock."""
 
-  def __init__(self, directory: str, keep: int = 2):
-    self._mngr = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
 
-  def latest_step(self) -> Optional[int]:
-    """The newest saved step (round), or None."""
-    return self._mngr.latest_step()
+class WorkdirLock:
+  """Exclusive lock on a run directory for the duration of a `with` block (see module)."""
 
-  def save(self, step: int, state: Any) -> None:
-    """Save `state` as `step` (no-op if that step exists) and wait until it is on disk."""
-    if step in self._mngr.all_steps():
-      return
-    leaves = jax.tree.leaves(state)
-    self._mngr.save(step, args=ocp.args.StandardSave(
-        {str(i): x for i, x in enumerate(leaves) if x.size}))
-    self._mngr.wait_until_finished()
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    self._fd: Optional[int] = None
 
-  def restore(self, step: int, like: Any) -> Any:
-    """Restore `step` into the structure (and shardings) of `like`."""
-    leaves, treedef = jax.tree.flatten(like)
-    abstract = {str(i): ocp.utils.to_shape_dtype_struct(x)
-                for i, x in enumerate(leaves) if x.size}
-    saved = self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-    return jax.tree.unflatten(treedef, [saved[str(i)] if x.size else x
-                                        for i, x in enumerate(leaves)])
+  def acquire(self) -> "WorkdirLock":
+    """Take the lock or raise `WorkdirBusy`; records this pid and host in the lock file."""
+    if self._fd is not None:
+      raise RuntimeError(f"{self.path} is already held by this WorkdirLock")
+    if fcntl is None:  # pragma: no cover
+      print(f"experiments: no fcntl on this platform; {self.path} is not locked",
+            file=sys.stderr)
+      return self
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+      os.close(fd)
+      who = f"process {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+      raise WorkdirBusy(
+          f"{os.path.dirname(self.path)} is in use by {who} (lock {self.path}); two runs "
+          "must not write one workdir: wait for it to finish, stop it, or use another "
+          "--workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    self._fd = fd
+    return self
 
-  def close(self) -> None:
-    """Release the manager."""
-    self._mngr.close()
+  def release(self) -> None:
+    """Drop the lock (the file stays)."""
+    if self._fd is not None:
+      try:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+      finally:
+        os.close(self._fd)
+        self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc: Any) -> None:
+    self.release()
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """Dotted names of differing fields of two plain (JSON) configs; top-level `rounds` ignored."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      if not prefix and k == "rounds":
+        continue
+      name = f"{prefix}{k}"
+      if k not in old or k not in new:
+        out.append(name)
+      else:
+        out.extend(config_diff(old[k], new[k], name + "."))
+    return out
+  return [] if old == new else [prefix.rstrip(".") or "<config>"]

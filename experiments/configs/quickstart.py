@@ -34,4 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 1
   c.checkpoint_every = 10
   c.shard = True  # split the cohort over all local devices (padding to a multiple)
+  # clients vmapped together inside the round program: None = backend default (1 on CPU,
+  # the whole cohort elsewhere), "all", or an integer (smaller = less memory)
+  c.clients_per_chunk = ml_collections.config_dict.placeholder(object)
   return c

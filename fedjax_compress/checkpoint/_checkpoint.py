@@ -265,7 +265,7 @@ class CheckpointManager:
   `save` never deletes a checkpoint newer than the one it writes, and only removes older
   ones once the new file is complete on disk. `restore_latest` falls back to the newest
   checkpoint that passes verification. Leftover temporary files of dead processes are
-  removed on construction.
+  removed on construction; the directory is created by the first `save`.
 
   >>> import tempfile, jax.numpy as jnp
   >>> m = CheckpointManager(tempfile.mkdtemp(), keep=2)
@@ -280,8 +280,7 @@ class CheckpointManager:
       raise ValueError(f"keep must be a positive integer or None, got {keep!r}")
     self.directory = os.path.abspath(directory)
     self.keep = keep
-    os.makedirs(self.directory, exist_ok=True)
-    for name in os.listdir(self.directory):
+    for name in self._names():
       m = _TMP_FILE.match(name)
       if m and not _alive(int(m.group(1))):
         try:
@@ -289,14 +288,19 @@ class CheckpointManager:
         except OSError:
           pass
 
+  def _names(self) -> list[str]:
+    try:
+      return os.listdir(self.directory)
+    except FileNotFoundError:  # created by the first save
+      return []
+
   def path(self, step: int) -> str:
     """File of `step`."""
     return os.path.join(self.directory, f"step_{int(step)}.ckpt")
 
   def steps(self) -> list[int]:
     """Saved steps, ascending (quarantined and temporary files excluded)."""
-    return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, os.listdir(self.directory))
-                  if m)
+    return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, self._names()) if m)
 
   def latest_step(self) -> Optional[int]:
     """The newest saved step, or None (not verified; see `restore_latest`)."""

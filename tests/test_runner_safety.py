@@ -1,0 +1,392 @@
+"""The experiment runner never loses or mixes up results: corrupt checkpoints, damaged
+metrics, changed or missing configs, two writers, SIGTERM, kill -9, bad config fields.
+
+One completed reference run (module fixture) is copied and damaged by each test; the process
+tests run this file as a worker script (`python tests/test_runner_safety.py worker ...`).
+"""
+
+import functools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.common import (WorkdirBusy, available, final_state, make_compressor,
+                                run_experiment, runner, validate_config)
+from experiments.common.checkpoint import WorkdirLock, config_diff
+from experiments.configs import quickstart
+from fedjax_compress import data as fdata
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 8
+
+
+def tiny_config(**over):
+  """A ~ms-per-round run with stateful clients (top-k + EF) and an adaptive server."""
+  c = quickstart.get_config()
+  c.dataset.num_clients, c.dataset.dim, c.dataset.num_classes = 6, 4, 3
+  c.dataset.samples_per_client = 12
+  c.rounds, c.cohort_size, c.local_steps, c.batch_size = ROUNDS, 2, 1, 4
+  c.checkpoint_every = 3  # checkpoints 3, 6, 8; the last two are kept
+  c.compressor, c.compressor_kwargs, c.error_feedback = "top_k", {"k": 2}, True
+  c.server_opt, c.server_lr = "adam", 0.1
+  for k, v in over.items():
+    setattr(c, k, v)
+  return c
+
+
+def _leaf_bytes(state):
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(state)]
+
+
+def _lines(path):
+  with open(path) as f:
+    return f.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ref") / "run")
+  rows = run_experiment(tiny_config(), workdir, progress=False)
+  return workdir, rows, _leaf_bytes(final_state(tiny_config(), workdir))
+
+
+def _copy(ref, tmp_path):
+  dst = str(tmp_path / "run")
+  shutil.copytree(ref[0], dst)
+  return dst
+
+
+def _ckpt(workdir, step):
+  return os.path.join(workdir, "ckpt", f"step_{step}.ckpt")
+
+
+def _assert_like_ref(workdir, rows, ref):
+  assert rows == ref[1]
+  assert [json.loads(line) for line in _lines(os.path.join(workdir, "metrics.jsonl"))] == ref[1]
+  assert _leaf_bytes(final_state(tiny_config(), workdir)) == ref[2]
+
+
+def test_reference_run_layout(ref):
+  workdir, rows, _ = ref
+  assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_6.ckpt", "step_8.ckpt"]
+  meta = runner.fcheckpoint.read_metadata(_ckpt(workdir, 8))
+  assert meta["rows"] == rows and meta["config"] == json.load(
+      open(os.path.join(workdir, "config.json")))
+
+
+def _flip(path):
+  with open(path, "r+b") as f:
+    at = os.path.getsize(path) - 40  # inside the leaf data, before the digest
+    f.seek(at)
+    b = f.read(1)
+    f.seek(at)
+    f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(ref, tmp_path, capfd, damage):
+  workdir = _copy(ref, tmp_path)
+  path = _ckpt(workdir, 8)
+  if damage == "flip":
+    _flip(path)
+  else:
+    os.truncate(path, 0 if damage == "empty" else os.path.getsize(path) // 2)
+  # the last two rows are gone too, as after a crash right after the checkpoint
+  mpath = os.path.join(workdir, "metrics.jsonl")
+  with open(mpath, "w") as f:
+    f.writelines(line + "\n" for line in _lines(os.path.join(ref[0], "metrics.jsonl"))[:6])
+  rows = run_experiment(tiny_config(), workdir, progress=False)
+  err = capfd.readouterr().err
+  assert "skipping checkpoint of round 8" in err and "previous good checkpoint, round 6" in err
+  _assert_like_ref(workdir, rows, ref)
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_6.ckpt", "step_8.ckpt"]
+
+
+def test_no_verified_checkpoint_stops_and_touches_nothing(ref, tmp_path):
+  workdir = _copy(ref, tmp_path)
+  _flip(_ckpt(workdir, 8))
+  os.truncate(_ckpt(workdir, 6), 100)
+  before = {n: open(os.path.join(dp, n), "rb").read()
+            for dp, _, ns in os.walk(workdir) for n in ns}
+  with pytest.raises(RuntimeError, match="passes verification.*nothing was changed"):
+    run_experiment(tiny_config(), workdir, progress=False)
+  after = {n: open(os.path.join(dp, n), "rb").read()
+           for dp, _, ns in os.walk(workdir) for n in ns}
+  assert after == before
+
+
+@pytest.mark.parametrize("damage", ["garbage_line", "duplicated_row", "deleted", "torn_tail"])
+def test_damaged_metrics_are_recovered_and_kept(ref, tmp_path, capfd, damage):
+  workdir = _copy(ref, tmp_path)
+  mpath = os.path.join(workdir, "metrics.jsonl")
+  lines = _lines(mpath)
+  if damage == "garbage_line":
+    lines[2] = '{"round": 3, "loss": 0.4'
+  elif damage == "duplicated_row":
+    lines.insert(4, lines[3])
+  if damage == "deleted":
+    os.remove(mpath)
+  else:
+    with open(mpath, "w") as f:
+      f.write("\n".join(lines) + ("\n" if damage != "torn_tail" else '\n{"round": 9, "lo'))
+  original = None if damage == "deleted" else open(mpath).read()
+  rows = run_experiment(tiny_config(), workdir, progress=False)
+  err = capfd.readouterr().err
+  _assert_like_ref(workdir, rows, ref)
+  backups = sorted(n for n in os.listdir(workdir) if n.startswith("metrics.jsonl.bak"))
+  if damage in ("garbage_line", "duplicated_row"):
+    assert f"line {3 if damage == 'garbage_line' else 5} is malformed" in err
+    assert backups == ["metrics.jsonl.bak"]
+    assert open(os.path.join(workdir, backups[0])).read() == original  # nothing lost
+  else:  # a missing file is rebuilt; a torn last write (round 9 > checkpoint) is dropped
+    assert backups == []
+
+
+def test_extending_a_run_keeps_metrics_without_backup(ref, tmp_path):
+  workdir = _copy(ref, tmp_path)
+  rows = run_experiment(tiny_config(rounds=ROUNDS + 1), workdir, progress=False)
+  assert rows[:ROUNDS] == ref[1] and rows[-1]["round"] == ROUNDS + 1
+  assert not [n for n in os.listdir(workdir) if ".bak" in n]
+  with pytest.raises(ValueError, match=r"config.rounds=3 .* 9 completed rounds"):
+    run_experiment(tiny_config(rounds=3), workdir, progress=False)
+
+
+@pytest.mark.parametrize("config_json", ["deleted", "garbage"])
+def test_changed_config_is_refused_without_config_json(ref, tmp_path, config_json):
+  workdir = _copy(ref, tmp_path)
+  cpath = os.path.join(workdir, "config.json")
+  if config_json == "deleted":
+    os.remove(cpath)
+    with pytest.raises(ValueError, match=r"checkpoint of round 8 differs in \['client_lr'\]"):
+      run_experiment(tiny_config(client_lr=0.5), workdir, progress=False)
+    with pytest.raises(ValueError, match=r"dataset.num_clients"):
+      run_experiment(tiny_config(dataset=dict(tiny_config().dataset, num_clients=7)), workdir,
+                     progress=False)
+    assert not os.path.exists(cpath)
+  else:
+    with open(cpath, "w") as f:
+      f.write("{not json")
+    with pytest.raises(ValueError, match="config.json is not a readable JSON config"):
+      run_experiment(tiny_config(), workdir, progress=False)
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == open(
+      os.path.join(ref[0], "metrics.jsonl")).read()
+
+
+def test_config_diff_names_nested_fields():
+  old = {"rounds": 1, "a": 1, "d": {"x": 1, "y": [1, 2]}}
+  assert config_diff(old, dict(old, rounds=5)) == []
+  assert config_diff(old, {"rounds": 1, "a": 2, "d": {"x": 1, "y": [1, 3]}, "z": 0}) == [
+      "a", "d.y", "z"]
+
+
+_BAD_FIELDS = [
+    ("eval_every", 0, "config.eval_every"), ("checkpoint_every", 0, "config.checkpoint_every"),
+    ("rounds", -1, "config.rounds"), ("seed", -1, "config.seed"),
+    ("cohort_size", 0, "config.cohort_size"), ("local_steps", 1.5, "config.local_steps"),
+    ("batch_size", True, "config.batch_size"), ("client_lr", float("nan"), "config.client_lr"),
+    ("server_lr", 0.0, "config.server_lr"), ("server_opt", "rmsprop", "config.server_opt"),
+    ("compressor", "zip9000", "config.compressor"),
+    ("compressor", "per_bit_accuracy", "config.compressor"),
+    ("compressor_kwargs", {"kk": 1}, "config.compressor_kwargs"),
+    ("compressor_kwargs", {"k": -2}, "config.compressor_kwargs"),
+    ("downlink", "subspace_loss", "config.downlink"),
+    ("weighting", "by_size", "config.weighting"), ("shard", "yes", "config.shard"),
+    ("clients_per_chunk", 0, "config.clients_per_chunk"),
+    ("clients_per_chunk", "most", "config.clients_per_chunk"),
+    ("eval_evry", 1, "config.eval_evry"),
+    ("model", {"name": "transformer", "kwargs": {}}, "config.model"),
+    ("model", {"name": "mlp", "kwargs": {"hiden": 3}}, "config.model"),
+    ("dataset", {"name": "synthetic", "alpha": 0.5, "betta": 0.5}, "config.dataset.betta"),
+    ("dataset", {"name": "synthetic", "alpha": 0.5}, "config.dataset.beta"),
+]
+
+
+@pytest.mark.parametrize("field,value,match", _BAD_FIELDS)
+def test_bad_config_fields_are_named_before_anything_is_written(tmp_path, field, value, match):
+  cfg = tiny_config().to_dict()  # a plain dict: ConfigDict would refuse some types itself
+  cfg[field] = value
+  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    run_experiment(cfg, str(tmp_path / "run"), progress=False)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_field_and_cohort_above_clients(tmp_path):
+  cfg = tiny_config().to_dict()
+  del cfg["eval_every"]
+  with pytest.raises(ValueError, match=r"config\.eval_every is missing"):
+    validate_config(cfg)
+  cfg = validate_config(tiny_config(clients_per_chunk="all"))  # valid values pass
+  assert cfg.clients_per_chunk == "all" and validate_config(tiny_config()).clients_per_chunk is None
+  with pytest.raises(ValueError, match=r"config\.cohort_size=7 exceeds the 6 clients"):
+    run_experiment(tiny_config(cohort_size=7), str(tmp_path / "run"), progress=False)
+  assert os.listdir(tmp_path / "run") == [".lock"]  # no config.json, metrics or checkpoint
+
+
+def test_clients_per_chunk_reaches_the_round(monkeypatch):
+  seen = []
+  real = runner.federated.build_round
+
+  def spy(*a, **k):
+    seen.append(k.get("clients_per_chunk"))
+    return real(*a, **k)
+  monkeypatch.setattr(runner.federated, "build_round", spy)
+  runner.build_experiment(tiny_config(clients_per_chunk=2))
+  assert seen == [2]
+
+
+def test_available_lists_only_compressor_factories():
+  names = available()
+  assert {"top_k", "qsgd", "lbgm", "intrinsic_static_downlink"} <= set(names)
+  for helper in ("per_bit_accuracy", "subspace_loss", "subspace_reparam",
+                 "intrinsic_downlink_bits"):
+    assert helper not in names
+  with pytest.raises(ValueError, match="unknown compressor 'per_bit_accuracy'"):
+    make_compressor("per_bit_accuracy")
+
+
+def test_tfds_name_on_the_quickstart_config_drops_synthetic_fields(monkeypatch, capfd):
+  """`--config.dataset.name=emnist` on the quickstart config used to pass `beta` to
+  load_tfds; now the synthetic-only fields are dropped with a note."""
+  calls = []
+  real = fdata.load_tfds
+
+  @functools.wraps(real)
+  def fake(name, **kw):
+    calls.append((name, kw))
+    return "data"
+  monkeypatch.setattr(fdata, "load_tfds", fake)
+  cfg = quickstart.get_config()
+  cfg.dataset.name = "emnist"
+  assert runner.make_dataset(cfg.dataset) == "data"
+  assert calls == [("emnist", {"alpha": 0.5, "num_clients": 30, "seed": 0})]
+  assert "ignores config.dataset fields ['beta', 'dim', 'num_classes', " in capfd.readouterr().err
+  cfg.dataset.shards = 3
+  with pytest.raises(ValueError, match=r"config\.dataset\.shards is not a field of dataset "
+                                       r"'emnist'"):
+    runner.make_dataset(cfg.dataset)
+
+
+def test_a_new_dataset_is_one_table_entry(monkeypatch):
+  def tiny(num_clients: int = 3, seed: int = 0):
+    return fdata.synthetic(0.5, 0.5, num_clients, dim=4, num_classes=3,
+                           samples_per_client=8, seed=seed)
+  monkeypatch.setitem(runner.DATASETS, "tiny", tiny)
+  data = runner.make_dataset({"name": "tiny", "num_clients": 4})
+  assert data.num_clients == 4
+  cfg = tiny_config(dataset={"name": "tiny", "num_clients": 4, "alpha": 0.5})  # alpha: other's
+  assert validate_config(cfg).dataset.name == "tiny"
+  with pytest.raises(ValueError, match=r"config\.dataset\.colour"):
+    validate_config(tiny_config(dataset={"name": "tiny", "colour": 1}))
+
+
+def test_lock_refuses_a_second_writer_in_process(tmp_path):
+  with WorkdirLock(str(tmp_path)):
+    with pytest.raises(WorkdirBusy, match=f"in use by process {os.getpid()}"):
+      run_experiment(tiny_config(), str(tmp_path), progress=False)
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+# ---------------------------------------------------------------------------------------
+# Processes: the lock between processes, SIGTERM, kill -9 at random points.
+
+def _env():
+  return dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              JAX_PLATFORMS="cpu")
+
+
+def _worker(workdir, delay, hold_at=0):
+  return subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "worker", workdir, str(delay), str(hold_at)],
+      cwd=_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_rows(path, n, proc, timeout=120.0):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if os.path.exists(path) and len(_lines(path)) >= n:
+      return
+    if proc.poll() is not None:
+      return
+    time.sleep(0.02)
+  proc.kill()
+  raise AssertionError(f"no {n} rows in {path} after {timeout} s")
+
+
+def test_second_process_refused_then_sigterm_checkpoints_last_round(ref, tmp_path):
+  workdir = str(tmp_path / "run")
+  mpath = os.path.join(workdir, "metrics.jsonl")
+  p1 = _worker(workdir, delay=0.0, hold_at=4)  # waits after round 4 until signalled
+  try:
+    _wait_rows(mpath, 4, p1)
+    assert p1.poll() is None, p1.communicate()[1][-2000:]
+    p2 = subprocess.run(  # the CLI on the same workdir
+        [sys.executable, "-m", "experiments.run", "--config=experiments/configs/quickstart.py",
+         f"--workdir={workdir}"], cwd=_ROOT, env=_env(), capture_output=True, text=True,
+        timeout=120)
+    assert p2.returncode != 0 and f"in use by process {p1.pid}" in p2.stderr, p2.stderr[-2000:]
+    assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_3.ckpt"]
+    p1.send_signal(signal.SIGTERM)
+    _, err = p1.communicate(timeout=60)
+  finally:
+    p1.kill()
+  assert p1.returncode == 143, err[-2000:]
+  assert "terminated after round 4; checkpoint of round 4 saved" in err
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_3.ckpt", "step_4.ckpt"]
+  assert runner.fcheckpoint.read_metadata(_ckpt(workdir, 4))["rows"] == ref[1][:4]
+  assert len(_lines(mpath)) == 4
+  rows = run_experiment(tiny_config(), workdir, progress=False)
+  _assert_like_ref(workdir, rows, ref)
+
+
+def test_kill_9_at_random_points_then_resume_is_identical(ref, tmp_path):
+  workdir = str(tmp_path / "run")
+  mpath = os.path.join(workdir, "metrics.jsonl")
+  rng = random.Random(0)
+  killed_at = []
+  for _ in range(2):
+    have = len(_lines(mpath)) if os.path.exists(mpath) else 0
+    p = _worker(workdir, delay=0.02)
+    try:
+      _wait_rows(mpath, have + 1, p)
+      time.sleep(rng.uniform(0.0, 0.12))
+      p.send_signal(signal.SIGKILL)
+      p.communicate(timeout=60)
+    finally:
+      p.kill()
+    killed_at.append(len(_lines(mpath)))
+    lock = open(os.path.join(workdir, ".lock")).read().split()
+    assert lock[0] == str(p.pid)  # the dead process's lock file is left behind ...
+  rows = run_experiment(tiny_config(), workdir, progress=False)  # ... and does not block
+  _assert_like_ref(workdir, rows, ref)
+  assert not [n for n in os.listdir(workdir) if ".bak" in n or ".tmp" in n]
+  assert not [n for n in os.listdir(os.path.join(workdir, "ckpt")) if not n.endswith(".ckpt")]
+  assert killed_at[0] >= 1
+
+
+def _worker_main(workdir, delay, hold_at):
+  """Run the tiny config in `workdir`, sleeping `delay` s after each round and forever after
+  round `hold_at` (until a signal); exits 143 on SIGTERM like the CLI."""
+  from experiments.common import Terminated  # pylint: disable=import-outside-toplevel
+
+  def callback(r, row):
+    time.sleep(delay)
+    while r == hold_at:
+      time.sleep(0.05)
+  try:
+    run_experiment(tiny_config(), workdir, progress=False, callback=callback)
+  except Terminated:
+    sys.exit(143)
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
+  _worker_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
