@@ -2,10 +2,14 @@
 
 Public API:
   - `Cohort(ids, batches, mask, weight)`, `ServerState`, `RoundMetrics` (struct dataclasses).
-  - `init_server_state(params, server_tx, uplink, *, num_clients, downlink=None) -> ServerState`.
+  - `init_server_state(params, server_tx, uplink, *, num_clients, downlink=None,
+    algorithm=None) -> ServerState`.
   - `build_round(loss_fn, client_tx, server_tx, uplink, *, local_steps, downlink=None)
     -> round_fn(state, cohort, seed_key) -> (state, RoundMetrics)`.
   - `build_client_update(loss_fn, client_tx, uplink, *, local_steps)` (the per-client part).
+  - FL algorithms: `fedprox(inner, mu)` (client_tx); `fedavgm`, `fedadam`, `fedyogi`,
+    `scale_by_fedopt` (server_tx); `scaffold`, `mime`, `mimelite` -> `Algorithm`, passed as
+    `build_round(..., algorithm=)` and `init_server_state(..., algorithm=)`.
   - `sample_cohort(data, round_index, *, cohort_size, local_steps, batch_size, seed, ...)
     -> Cohort` (host-side NumPy, fixed shapes, padding).
   - Client samplers `uniform_sampler(n, c, *, replace=False, seed=0)`,
@@ -15,8 +19,11 @@ Public API:
     `shard_state(state, mesh)`.
 """
 
+from fedjax_compress.federated._algorithms import (Algorithm, FedOptState, FedProxState,
+                                                   fedadam, fedavgm, fedprox, fedyogi, mime,
+                                                   mimelite, scaffold, scale_by_fedopt)
 from fedjax_compress.federated._round import (build_client_update, build_local_train,
-                                              build_round)
+                                              build_round, full_batch_grad)
 from fedjax_compress.federated._sampling import (EpochSampler, FixedSampler, UniformSampler,
                                                  epoch_sampler, fixed_sampler, sample_cohort,
                                                  uniform_sampler)
@@ -26,4 +33,6 @@ from fedjax_compress.federated._state import Cohort, RoundMetrics, ServerState, 
 __all__ = ["Cohort", "ServerState", "RoundMetrics", "init_server_state", "build_round",
            "build_client_update", "build_local_train", "sample_cohort", "client_mesh",
            "shard_cohort", "shard_state", "uniform_sampler", "epoch_sampler", "fixed_sampler",
-           "UniformSampler", "EpochSampler", "FixedSampler"]
+           "UniformSampler", "EpochSampler", "FixedSampler", "Algorithm", "fedprox",
+           "FedProxState", "fedavgm", "fedadam", "fedyogi", "scale_by_fedopt", "FedOptState",
+           "scaffold", "mime", "mimelite", "full_batch_grad"]

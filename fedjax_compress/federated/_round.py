@@ -41,6 +41,8 @@ from fedjax_compress._src import checks
 from fedjax_compress._src import keys as _keys
 from fedjax_compress._src.adapters import weighted_decode
 from fedjax_compress._src.base import Compressor, Keys
+from fedjax_compress.compressors._identity import identity
+from fedjax_compress.federated._algorithms import Algorithm
 from fedjax_compress.federated._state import Cohort, RoundMetrics, ServerState
 from fedjax_compress.models import _fastconv
 
@@ -59,6 +61,41 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(ok)) if ok else jnp.ones((), bool)
 
 
+def _step_keys(key: jax.Array, local_steps: int) -> jax.Array:
+  return jax.random.split(key, local_steps)
+
+
+def _local_train(loss_fn: LossFn, client_tx: optax.GradientTransformation,
+                 local_steps: int) -> Callable[..., tuple[Any, jax.Array, jax.Array]]:
+  """`train(params, batches, mask, key, correct=None, anchor=None) -> (p_end, loss, steps)`.
+
+  `correct(grad, grad_at_anchor)` (optional) maps each step's gradient before `client_tx`;
+  `grad_at_anchor` is `grad loss_fn(anchor, batch, mask, key)` on the same minibatch and
+  key when `anchor` is given, else None. `steps` counts the steps that had an example.
+  """
+
+  def train_fn(params, batches, mask, key, correct=None, anchor=None):
+    def step(carry, xs):
+      p, o = carry
+      batch, m, k = xs
+      loss, grad = jax.value_and_grad(loss_fn)(p, batch, m, k)
+      if correct is not None:
+        g_x = None if anchor is None else jax.grad(loss_fn)(anchor, batch, m, k)
+        grad = correct(grad, g_x)
+      upd, o2 = client_tx.update(grad, o, p)
+      p2 = optax.apply_updates(p, upd)
+      has = jnp.any(m)
+      return (_where(has, p2, p), _where(has, o2, o)), (loss, has)
+
+    (p_end, _), (losses, has) = lax.scan(
+        step, (params, client_tx.init(params)), (batches, mask, _step_keys(key, local_steps)))
+    n = jnp.sum(has.astype(jnp.float32))
+    mean_loss = jnp.sum(jnp.where(has, losses, 0.0)) / jnp.maximum(n, 1.0)
+    return p_end, mean_loss.astype(jnp.float32), jnp.sum(has.astype(jnp.int32))
+
+  return train_fn
+
+
 def build_local_train(loss_fn: LossFn, client_tx: optax.GradientTransformation, *,
                       local_steps: int) -> Callable[..., tuple[Any, jax.Array]]:
   """`train(params, batches[steps,...], mask[steps,B], key) -> (params_end, mean_loss)`.
@@ -67,25 +104,33 @@ def build_local_train(loss_fn: LossFn, client_tx: optax.GradientTransformation, 
   `mean_loss` averages the losses of the steps that had at least one example.
   """
   local_steps = checks.check_positive_int(local_steps, "local_steps")
+  train = _local_train(loss_fn, client_tx, local_steps)
 
   def train_fn(params, batches, mask, key):
-    def step(carry, xs):
-      p, o = carry
-      batch, m, k = xs
-      loss, grad = jax.value_and_grad(loss_fn)(p, batch, m, k)
-      upd, o2 = client_tx.update(grad, o, p)
-      p2 = optax.apply_updates(p, upd)
-      has = jnp.any(m)
-      return (_where(has, p2, p), _where(has, o2, o)), (loss, has)
-
-    step_keys = jax.random.split(key, local_steps)
-    (p_end, _), (losses, has) = lax.scan(
-        step, (params, client_tx.init(params)), (batches, mask, step_keys))
-    n = jnp.sum(has.astype(jnp.float32))
-    mean_loss = jnp.sum(jnp.where(has, losses, 0.0)) / jnp.maximum(n, 1.0)
-    return p_end, mean_loss.astype(jnp.float32)
+    return train(params, batches, mask, key)[:2]
 
   return train_fn
+
+
+def full_batch_grad(loss_fn: LossFn, params: Any, batches: Any, mask: jax.Array,
+                    key: jax.Array) -> Any:
+  """A client's full local-batch gradient at `params`: `sum_s n_s grad f(params; z_s) / sum_s n_s`.
+
+  `n_s` = examples of step `s` (so it is the gradient of the mean loss over all the
+  client's examples, `loss_fn` being a per-minibatch mean); same step keys as training.
+  """
+  steps = np.shape(mask)[0]
+
+  def step(acc, xs):
+    batch, m, k = xs
+    n = jnp.sum(m.astype(jnp.float32))
+    g = jax.grad(loss_fn)(params, batch, m, k)
+    return jax.tree.map(lambda a, g: a + n * g.astype(jnp.float32), acc, g), n
+
+  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  acc, n = lax.scan(step, zero, (batches, mask, _step_keys(key, steps)))
+  inv = 1.0 / jnp.maximum(jnp.sum(n), 1.0)
+  return jax.tree.map(lambda a, p: (a * inv).astype(jnp.asarray(p).dtype), acc, params)
 
 
 def build_client_update(loss_fn: LossFn, client_tx: optax.GradientTransformation,
@@ -152,7 +197,7 @@ def _scatter(tree: Any, ids: jax.Array, values: Any) -> Any:
 
 
 def _num_clients(state: ServerState) -> int:
-  leaves = jax.tree.leaves((state.senders, state.receivers))
+  leaves = jax.tree.leaves((state.senders, state.receivers, state.alg_clients))
   return int(leaves[0].shape[0]) if leaves else 0  # stateless: nothing is scattered
 
 
@@ -217,10 +262,89 @@ def _zeros_like_payload(payload: Any) -> Any:
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), payload)
 
 
+_ANCHOR = 16  # key purposes of the algorithm messages (disjoint from _keys' tags)
+_MESSAGE = 17
+
+
+def _algorithm_client(loss_fn: LossFn, client_tx: optax.GradientTransformation,
+                      uplink: Compressor, algorithm: Algorithm, extra: Compressor,
+                      local_steps: int) -> Callable[..., tuple]:
+  """Per-client work of a round with an `Algorithm`, unbatched (see `_algorithms`).
+
+  `(x, received, anchor, sender, alg_client, batches, mask, train_key, keys, msg_keys) ->
+  (payload, sender, loss, finite, msg_payload, msg_sender)`; `finite` covers the model delta
+  and the message; a non-finite client sends zeros.
+  """
+  train = _local_train(loss_fn, client_tx, local_steps)
+
+  def client_fn(x, received, anchor, sender, algc, batches, mask, train_key, keys, mkeys):
+    cst = algc["state"]
+    correct = lambda g, g_x: algorithm.correct(g, g_x, cst, received, anchor)
+    p_end, loss, steps = train(x, batches, mask, train_key, correct,
+                               x if algorithm.svrg else None)
+    delta = jax.tree.map(lambda a, b: a - b, x, p_end)
+    finite = _all_finite(delta)
+    mpay, msend = None, algc["sender"]
+    if algorithm.message is not None:
+      fg = full_batch_grad(loss_fn, x, batches, mask, train_key) if algorithm.full_grad else None
+      msg = algorithm.message(cst, received, x, p_end, steps, fg)
+      finite = finite & _all_finite(msg)
+      msg = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), msg)
+      mpay, msend = extra.encode(msg, msend, mkeys, x)
+    delta = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), delta)
+    payload, sender = uplink.encode(delta, sender, keys, x)
+    return payload, sender, loss, finite, mpay, msend
+
+  return client_fn
+
+
+def _anchor_client(loss_fn: LossFn, extra: Compressor) -> Callable[..., tuple]:
+  """`(x, alg_client, batches, mask, train_key, keys) -> (payload, alg_client, finite)`: grad f_i(x) sent."""
+
+  def client_fn(x, algc, batches, mask, train_key, keys):
+    g = full_batch_grad(loss_fn, x, batches, mask, train_key)
+    finite = _all_finite(g)
+    g = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), g)
+    payload, sender = extra.encode(g, algc["sender"], keys, x)
+    return payload, dict(algc, sender=sender), finite
+
+  return client_fn
+
+
+def _anchor_chunk(vanchor: Callable, vdecode: Callable, x0: Any, shared: jax.Array,
+                  num_clients: int) -> Callable:
+  """Scan body of phase 1: encode/decode `grad f_i(x)`, weighted sum, scatter the states."""
+
+  def body(carry, x):
+    acc, algc_all = carry
+    keys = Keys(shared, x["a_private"])
+    pay, algc, finite = vanchor(x0, _gather(algc_all, x["ids"]), x["batches"], x["mask"],
+                                x["train"], keys)
+    dec, recv = vdecode(pay, algc["receiver"], keys, x0)
+    w = jnp.where(finite, x["weight"], 0.0)
+    acc = jax.tree.map(lambda a, d: a + jnp.tensordot(w, d.astype(jnp.float32), 1), acc, dec)
+    dest = jnp.where(w > 0, x["ids"], num_clients)
+    algc_all = _scatter(algc_all, dest, dict(algc, receiver=recv))
+    return (acc, algc_all), (finite, _bits.count(pay, batch_dims=1))
+
+  return body
+
+
+def _scan_chunks(body: Callable, carry0: Any, xs: dict, n: int, num: int) -> tuple[Any, Any]:
+  """`lax.scan(body)` over `n` chunks of `xs` (unchunked rows); per-client outputs cut to `num`."""
+  xs = _chunked(xs, n)
+  if n == 1:
+    carry, per = body(carry0, jax.tree.map(lambda x: x[0], xs))
+    return carry, jax.tree.map(lambda x: x[:num], per)
+  carry, per = lax.scan(body, carry0, xs)
+  return carry, _unchunked(per, num)
+
+
 def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                 server_tx: optax.GradientTransformation, uplink: Compressor, *,
                 local_steps: int, downlink: Optional[Compressor] = None,
-                clients_per_chunk: ChunkSize = None, conv_impl: str = "auto") -> RoundFn:
+                clients_per_chunk: ChunkSize = None, conv_impl: str = "auto",
+                algorithm: Optional[Algorithm] = None) -> RoundFn:
   """Pure `round_fn(state, cohort, seed_key) -> (state, RoundMetrics)`; see module docstring.
 
   `loss_fn(params, batch, mask, key) -> scalar` is the mean loss over the unmasked examples
@@ -238,6 +362,14 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   `conv_impl`: 'auto' (im2col on CPU, where XLA runs kernel-gradient convolutions inside
   loops ~4x slower than as matmuls; unchanged elsewhere), 'im2col' or 'xla' (as written).
   The rewrite (`models.im2col_convs`) changes no values beyond float rounding.
+
+  `algorithm`: None is FedAvg/FedOpt (`server_tx` on the pseudo-gradient); an
+  `Algorithm` (`scaffold`, `mime`, `mimelite`, see `federated._algorithms`) adds per-client
+  and server state (the state must come from `init_server_state(..., algorithm=)`), a
+  broadcast and extra uplink messages, all billed in `RoundMetrics`: `down_bits` adds the
+  dense bits of the broadcast (and of Mime's `c`), `up_bits` the bits of each extra message
+  (dense, or `algorithm.compressor`'s). A client is valid (weight > 0, state written back)
+  only if all its messages are finite.
 
   `cohort.ids` must lie in `[0, num_clients)`. Called eagerly (concrete ids) `round_fn`
   raises `ValueError` otherwise; under `jit` the ids are traced and unchecked, and an
@@ -261,12 +393,25 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   """
   local_steps = checks.check_positive_int(local_steps, "local_steps")
   clients_per_chunk = _check_chunk(clients_per_chunk)
+  if algorithm is not None and not isinstance(algorithm, Algorithm):
+    raise TypeError(f"algorithm must be a federated Algorithm (scaffold(), mime(), ...) or "
+                    f"None, got {type(algorithm).__name__}")
   loss_fn = _fastconv.with_conv_impl(loss_fn, conv_impl)
   client_fn = build_client_update(loss_fn, client_tx, uplink, local_steps=local_steps)
   vclient = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0, Keys(None, 0)))
+  if algorithm is not None:
+    extra = algorithm.compressor if algorithm.compressor is not None else identity()
+    valg = jax.vmap(_algorithm_client(loss_fn, client_tx, uplink, algorithm, extra, local_steps),
+                    in_axes=(None, None, None, 0, 0, 0, 0, 0, Keys(None, 0), Keys(None, 0)))
+    vanchor = jax.vmap(_anchor_client(loss_fn, extra),
+                       in_axes=(None, 0, 0, 0, 0, Keys(None, 0)))
+    vdecode = jax.vmap(extra.decode, in_axes=(0, 0, Keys(None, 0), None))
 
   def round_fn(state: ServerState, cohort: Cohort, seed_key) -> tuple[ServerState, RoundMetrics]:
     _check_cohort(cohort, local_steps)
+    if algorithm is not None and state.alg_clients is None:
+      raise ValueError("build_round(..., algorithm=...) needs a state made by "
+                       "init_server_state(..., algorithm=...) (state.alg_clients is None)")
     num_clients = _num_clients(state)
     _check_ids(cohort.ids, num_clients)
     seed_key = _keys.as_key(seed_key)
@@ -297,18 +442,44 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     pids = _pad_rows(ids, pad, max(num_clients, 1) - 1)
     weight = jnp.where(present, jnp.asarray(cohort.weight, jnp.float32), 0.0)
     up_keys = _keys.round_keys(seed_key, state.round, pids, _keys.UPLINK)
-    xs = _chunked(dict(
+    xs = dict(
         ids=pids, weight=_pad_rows(weight, pad),
         batches=jax.tree.map(lambda x: _pad_rows(jnp.asarray(x), pad), cohort.batches),
         mask=_pad_rows(jnp.asarray(cohort.mask, bool), pad, False),
         train=_keys.round_keys(seed_key, state.round, pids, _keys.LOCAL_TRAINING).private,
-        private=up_keys.private), n)
+        private=up_keys.private)
+    if algorithm is not None:
+      a_keys = _keys.round_keys(seed_key, state.round, pids, _ANCHOR)
+      m_keys = _keys.round_keys(seed_key, state.round, pids, _MESSAGE)
+      xs.update(a_private=a_keys.private, m_private=m_keys.private)
+      received = algorithm.broadcast(state.alg_server)
+      dbits = dbits + _bits.dense_bits(received)
+      alg_clients, anchor, anchor_bits = state.alg_clients, None, None
+      if algorithm.anchor:  # phase 1: grad f_i(x) up, its weighted mean at the server
+        (anchor, alg_clients), (a_ok, anchor_bits) = _scan_chunks(
+            _anchor_chunk(vanchor, vdecode, start, a_keys.shared, num_clients),
+            (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), start), alg_clients),
+            xs, n, num)
+        a_w = jnp.where(a_ok, weight, 0.0)
+        a_inv = 1.0 / jnp.where(jnp.sum(a_w) > 0, jnp.sum(a_w), 1.0)
+        anchor = jax.tree.map(lambda a, p: (a * a_inv).astype(jnp.asarray(p).dtype), anchor, start)
+        xs["weight"] = _pad_rows(a_w, pad)
+        if algorithm.anchor == 2:  # Mime: c is broadcast before local training
+          dbits = dbits + _bits.dense_bits(anchor)
+    xs = _chunked(xs, n)
 
     def run_chunk(carry, x):
-      acc, senders_all, receivers_all = carry
+      acc, senders_all, receivers_all = carry[:3]
       keys = Keys(up_keys.shared, x["private"])
-      payloads, senders, loss, finite = vclient(
-          start, _gather(senders_all, x["ids"]), x["batches"], x["mask"], x["train"], keys)
+      if algorithm is None:
+        payloads, senders, loss, finite = vclient(
+            start, _gather(senders_all, x["ids"]), x["batches"], x["mask"], x["train"], keys)
+      else:
+        algc_all, msum = carry[3:]
+        algc = _gather(algc_all, x["ids"])
+        payloads, senders, loss, finite, mpay, msend = valg(
+            start, received, anchor, _gather(senders_all, x["ids"]), algc, x["batches"],
+            x["mask"], x["train"], keys, Keys(m_keys.shared, x["m_private"]))
       w = jnp.where(finite, x["weight"], 0.0)
       receivers = _gather(receivers_all, x["ids"])
       if uplink.reduce is not None:  # one running payload, decoded once after the chunks
@@ -320,7 +491,20 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
         acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, part)
       dest = jnp.where(w > 0, x["ids"], num_clients)  # padding, absent, non-finite: kept
       carry = (acc, _scatter(senders_all, dest, senders), _scatter(receivers_all, dest, receivers))
-      return carry, (loss, finite, w, _bits.count(payloads, batch_dims=1))
+      up = _bits.count(payloads, batch_dims=1)
+      if algorithm is not None:
+        cst = algc["state"]
+        mrecv = algc["receiver"]
+        if algorithm.message is not None:
+          dec, mrecv = vdecode(mpay, mrecv, Keys(m_keys.shared, x["m_private"]), start)
+          cst = jax.vmap(algorithm.client_update)(cst, dec)
+          valid = (w > 0).astype(jnp.float32)
+          msum = jax.tree.map(lambda a, d: a + jnp.tensordot(valid, d.astype(jnp.float32), 1),
+                              msum, dec)
+          up = up + _bits.count(mpay, batch_dims=1)
+        algc = dict(state=cst, sender=msend, receiver=mrecv)
+        carry = carry + (_scatter(algc_all, dest, algc), msum)
+      return carry, (loss, finite, w, up)
 
     if uplink.reduce is not None:
       first = jax.tree.map(lambda x: x[0], xs)
@@ -331,12 +515,16 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     else:
       acc0 = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), start)
     carry0 = (acc0, state.senders, state.receivers)
+    if algorithm is not None:
+      carry0 = carry0 + (alg_clients,
+                         jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), start))
     if n == 1:
-      (acc, senders, receivers), per = run_chunk(carry0, jax.tree.map(lambda x: x[0], xs))
+      carry, per = run_chunk(carry0, jax.tree.map(lambda x: x[0], xs))
       per = jax.tree.map(lambda x: x[:num], per)
     else:
-      (acc, senders, receivers), per = lax.scan(run_chunk, carry0, xs)
+      carry, per = lax.scan(run_chunk, carry0, xs)
       per = _unchunked(per, num)
+    acc, senders, receivers = carry[:3]
     loss, finite, w, up_bits = per
 
     # Aggregate over finite participants with normalized weights.
@@ -348,6 +536,17 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                              start)
     agg = jax.tree.map(lambda a, p: (a.astype(jnp.float32) * inv).astype(jnp.asarray(p).dtype),
                        acc, start)
+
+    if algorithm is not None:
+      new["alg_clients"], msum = carry[3:]
+      if algorithm.anchor:
+        finite = finite & a_ok
+        up_bits = up_bits + anchor_bits
+      mean_sum = None
+      if algorithm.message is not None:
+        mean_sum = jax.tree.map(lambda a, p: (a / max(num_clients, 1)).astype(
+            jnp.asarray(p).dtype), msum, start)
+      new["alg_server"] = algorithm.server_update(state.alg_server, anchor, mean_sum)
 
     # Server optimizer step on the pseudo-gradient.
     updates, opt_state = server_tx.update(agg, state.opt_state, state.params)

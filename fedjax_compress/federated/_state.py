@@ -48,6 +48,11 @@ class ServerState:
     broadcast: the model as clients know it (only with a downlink compressor, else None).
     down_sender: downlink sender state (server side, one broadcast message), or None.
     down_receiver: downlink receiver state (shared by all clients), or None.
+    alg_clients: per-client state of the round's `Algorithm` (leading axis `num_clients`):
+      `{'state': ..., 'sender': ..., 'receiver': ...}`, the algorithm's own (e.g. SCAFFOLD's
+      `c_i`) and its message compressor's; None for FedAvg/FedOpt.
+    alg_server: the algorithm's server state (SCAFFOLD's `c`, Mime's optimizer statistics),
+      or None.
   """
 
   params: Any
@@ -58,6 +63,8 @@ class ServerState:
   broadcast: Any = None
   down_sender: Any = None
   down_receiver: Any = None
+  alg_clients: Any = None
+  alg_server: Any = None
 
 
 @struct.dataclass
@@ -89,8 +96,14 @@ def _stack(tree: Any, n: int) -> Any:
 
 def init_server_state(params: Any, server_tx: optax.GradientTransformation,
                       uplink: Compressor, *, num_clients: int,
-                      downlink: Optional[Compressor] = None) -> ServerState:
+                      downlink: Optional[Compressor] = None,
+                      algorithm: Optional[Any] = None) -> ServerState:
   """Initial `ServerState`: `uplink.init(params)` replicated over `num_clients` clients.
+
+  With an `algorithm` (`federated.scaffold()`, `mime()`, ...), its client state and its
+  message compressor's states (`identity()` when it has none) are replicated over the
+  clients in `alg_clients`, its server state is `alg_server`; pass the same `algorithm` to
+  `build_round`.
 
   With a `downlink` compressor the clients' model starts equal to `params` (the initial
   model is assumed known to every client, e.g. from a shared seed; it is not billed).
@@ -101,6 +114,18 @@ def init_server_state(params: Any, server_tx: optax.GradientTransformation,
                       senders=_stack(sender, num_clients),
                       receivers=_stack(receiver, num_clients),
                       round=jnp.zeros((), jnp.int32))
+  if algorithm is not None:
+    from fedjax_compress.compressors._identity import identity  # pylint: disable=import-outside-toplevel
+    from fedjax_compress.federated._algorithms import Algorithm  # pylint: disable=import-outside-toplevel
+    if not isinstance(algorithm, Algorithm):
+      raise TypeError(f"algorithm must be a federated Algorithm (scaffold(), mime(), ...) or "
+                      f"None, got {type(algorithm).__name__}")
+    client, server = algorithm.init(params)
+    extra = algorithm.compressor if algorithm.compressor is not None else identity()
+    m_send, m_recv = extra.init(params)
+    state = state.replace(
+        alg_clients=_stack(dict(state=client, sender=m_send, receiver=m_recv), num_clients),
+        alg_server=server)
   if downlink is not None:
     d_send, d_recv = downlink.init(params)
     state = state.replace(broadcast=jax.tree.map(jnp.asarray, params),
