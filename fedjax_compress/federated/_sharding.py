@@ -66,16 +66,17 @@ def shard_cohort(cohort: Cohort, mesh: Mesh, *, process_local: bool = False) -> 
 
 
 def shard_state(state: ServerState, mesh: Mesh) -> ServerState:
-  """Replicate params/optimizer/downlink state; split per-client states over 'clients'."""
+  """Replicate params/optimizer/downlink/algorithm server state; split per-client states."""
   rep = NamedSharding(mesh, P())
   n = mesh.shape["clients"]
-  leaves = jax.tree.leaves((state.senders, state.receivers))
+  leaves = jax.tree.leaves((state.senders, state.receivers, state.alg_clients))
   split = all(np.shape(x)[0] % n == 0 for x in leaves)
   place = (lambda t: _split(t, mesh, "client states")) if split else (
       lambda t: jax.device_put(t, rep))
   return state.replace(
       params=jax.device_put(state.params, rep), opt_state=jax.device_put(state.opt_state, rep),
       senders=place(state.senders), receivers=place(state.receivers),
+      alg_clients=place(state.alg_clients), alg_server=jax.device_put(state.alg_server, rep),
       round=jax.device_put(state.round, rep),
       broadcast=jax.device_put(state.broadcast, rep),
       down_sender=jax.device_put(state.down_sender, rep),
