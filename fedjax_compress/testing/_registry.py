@@ -82,6 +82,33 @@ REGISTRY: list[Entry] = [
           stateful=True),
     Entry("laq", lambda: C.laq(4, step_size=0.1), stateful=True),
     Entry("slaq", lambda: C.slaq(3, step_size=0.1), stateful=True),
+    # --- the peers' compressors (issue 14) ---
+    Entry("drive", C.drive, max_bits_fraction=0.05),
+    Entry("drive_unbiased_per_tensor", lambda: C.drive(scale="unbiased", per_tensor=True),
+          max_bits_fraction=0.15),
+    Entry("eden", lambda: C.eden(2, block_size=64), max_bits_fraction=0.1),
+    Entry("rotated_uniform", lambda: C.rotated_uniform(16), unbiased=True,
+          max_bits_fraction=0.15),
+    Entry("rotated_uniform_per_tensor", lambda: C.rotated_uniform(4, per_tensor=True),
+          unbiased=True, max_bits_fraction=0.2),
+    Entry("terngrad", C.terngrad, max_bits_fraction=0.1),
+    Entry("terngrad_unclipped", lambda: C.terngrad(clip=None), unbiased=True,
+          max_bits_fraction=0.1),
+    # Natural compression / dithering are unbiased, but some test coordinates round up with
+    # probability ~1e-3 (or down with ~1e-3): 2000 Monte-Carlo draws can all agree, leaving no
+    # variance to test against. tests/test_peer_compressors.py checks their rounding rule.
+    Entry("natural_compression", C.natural_compression, max_bits_fraction=0.3),
+    Entry("natural_dithering", lambda: C.natural_dithering(4, bucket_size=64),
+          max_bits_fraction=0.2),
+    Entry("cast_float16", C.cast, max_bits_fraction=0.55),
+    Entry("cast_bfloat16", lambda: C.cast("bfloat16"), max_bits_fraction=0.55),
+    Entry("cast_float8_e4m3", lambda: C.cast("float8_e4m3fn"), max_bits_fraction=0.3),
+    Entry("cast_float8_e5m2_unscaled", lambda: C.cast("float8_e5m2", scaled=False),
+          max_bits_fraction=0.3),
+    Entry("threshold", lambda: C.threshold(1.5)),
+    Entry("dgc", lambda: C.dgc(0.1), stateful=True, max_bits_fraction=0.3),
+    Entry("fetchsgd", lambda: C.fetchsgd(3, 12, 20), linear_aggregate=False, stateful=True,
+          max_bits_fraction=0.3),
 ]
 
 
