@@ -1,26 +1,29 @@
 """HSQ: hyper-sphere quantization (Dai, Yan, Zhou, Yang, Ng, Cheng, Fan; arXiv 1911.04655).
 
-Spec: ALGORITHMS_M22_HSQ_LAQ.md section 2. The raveled update is cut into chunks of `dc`
-coordinates; each chunk is sent as the index of one of `K` unit codewords plus an `n`-bit
-scalar. The codebook is regenerated from a seed on both sides and never sent.
+Spec: ALGORITHMS_M22_HSQ_LAQ.md section 2. Per layer (leaf), as the official
+`ps_quantizer.py`: the flattened leaf is cut into chunks of `dc` coordinates; each chunk is
+sent as the index of one of `K` unit codewords plus an `n`-bit scalar on that layer's own
+grid. Leaves of at most `raw_layer_size` entries are sent raw. The codebook is regenerated
+from a seed on both sides and never sent.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_compress._src import bits as _bits
-from fedjax_compress._src import checks
+from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
 from fedjax_compress._src.combinators import error_feedback as _error_feedback
-from fedjax_compress._src.combinators import flattened
 
 MODES = ("greedy", "unbiased")
+RAW_LAYER_SIZE = 1000  # official: layers with numel <= 1000 go through IdenticalCompressor
 
 
 @functools.partial(jax.jit, static_argnames=("size", "dim", "iters", "num_samples"))
@@ -73,37 +76,70 @@ def _int_dtype(width: int, signed: bool):
   return jnp.int16 if signed else jnp.uint16
 
 
-def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed: int = 0,
-        error_feedback: bool = True, mode: str = "greedy", stochastic: bool = True,
-        kmeans_iters: int = 20, search_block: int = 8192) -> Compressor:
-  """Hyper-sphere quantization: one codeword index and one scalar per `dc`-chunk.
+def _pow2_scale(amax: jax.Array) -> jax.Array:
+  """The power of two `s` with `amax / s` in `[1, 2)` (1 where `amax` is 0 or not finite)."""
+  _, e = jnp.frexp(amax)
+  s = jnp.ldexp(jnp.ones_like(amax), e - 1)
+  return jnp.where((amax > 0) & jnp.isfinite(amax), s, 1.0)
 
-  The model is raveled and zero-padded to `n = ceil(D/dc)` chunks `x_i` (padding is never
-  sent). With the unit codebook `C` (`K x dc`, from `seed`):
-  - `mode='greedy'` (released code): `k_i = argmax_k |<c_k, x_i>|` (one matmul + argmax),
-    `u_i = <c_{k_i}, x_i>`; `x^_i = u_i c_{k_i}` is the projection on the best line.
+
+def _greedy_search(xb: jax.Array, cb: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`k = argmax_k |<c_k, x>|`, `u = <c_k, x>` per row of `xb[b, dc]`.
+
+  Two plain reductions of the scores instead of an argmax of `|p|` (a variadic reduce, 4x
+  slower on CPU): `u` = the max if `max >= -min`, else the min; `k` = lowest index with
+  `p_k = u`. Exact ties `|p_j| = |p_k|` of opposite signs go to the positive one.
+  """
+  p = xb @ cb.T
+  mx, mn = jnp.max(p, axis=1), jnp.min(p, axis=1)
+  u = jnp.where(mx >= -mn, mx, mn)
+  iota = jnp.arange(cb.shape[0], dtype=jnp.int32)
+  k = jnp.min(jnp.where(p == u[:, None], iota, cb.shape[0] - 1), axis=1)  # NaN row: K-1
+  return k, u
+
+
+def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed: int = 0,
+        error_feedback: bool = False, mode: str = "greedy", stochastic: bool = True,
+        kmeans_iters: int = 20, search_block: int = 1024,
+        raw_layer_size: int = RAW_LAYER_SIZE) -> Compressor:
+  """Hyper-sphere quantization, per layer: one codeword index and one scalar per `dc`-chunk.
+
+  Each leaf with more than `raw_layer_size` entries is flattened and zero-padded to
+  `n = ceil(numel/dc)` chunks `x_i` (padding is never sent). With the unit codebook `C`
+  (`K x dc`, from `seed`):
+  - `mode='greedy'` (released code): `k_i = argmax_k |<c_k, x_i>|` (one matmul, two
+    reductions), `u_i = <c_{k_i}, x_i>`; `x^_i = u_i c_{k_i}` is the projection on the
+    best line.
   - `mode='unbiased'`: `alpha_i = pinv(C^T) x_i`, `k_i ~ |alpha_ik| / ||alpha_i||_1`,
     `u_i = sign(alpha_ik) ||alpha_i||_1`, so `E[x^_i] = x_i` (needs `K >= dc`).
-  Scalars: `h = 2^(n-1) - 1`, `s = max_i |u_i| / h`, `u~_i = s l_i` with integer
-  `l_i in [-h, h]` (stochastic rounding from `keys.private` if `stochastic`, unbiased given
-  `s`); `scalar_bits=32` sends `u_i` as float32 instead.
-  Departure from the code (spec 2.4): a symmetric grid with one float scale instead of
-  `(min u, max u)`, so zero chunks decode to exactly zero and one float is saved.
-  `error_feedback=True` wraps the codec in `error_feedback` (`e <- y - y^`, scale 1;
-  the code's `tanh(epoch/2)` warm-up of the residual is not implemented).
+  Scalars, on the layer's own grid: `h = 2^(n-1) - 1`, `s = max_i |u_i| / h` (max over
+  that layer's chunks), `u~_i = s l_i` with integer `l_i in [-h, h]` (stochastic rounding
+  from `keys.private` if `stochastic`, unbiased given `s`); `scalar_bits=32` sends `u_i`
+  as float32 instead. Departure from the code (spec 2.4): a symmetric grid with one float
+  scale instead of `(min u, max u)`, so zero chunks decode to exactly zero and one float
+  per layer is saved. Leaves of `<= raw_layer_size` entries (official: 1000) are sent as
+  float32 (`raw_layer_size=0`: every non-empty leaf is quantized); empty leaves send
+  nothing.
 
-  The search scores `[chunks, K]` are formed `search_block` chunks at a time (`lax.map`
-  over blocks when there are more), bounding memory to `4 K search_block` bytes.
+  `error_feedback=False` (default) as the released code's default; `True` wraps the codec
+  in `error_feedback` (`e <- y - y^`, scale 1; the code's `tanh(epoch/2)` warm-up of the
+  residual, `--ef`, is not implemented).
 
-  Bits: `ceil(D/dc) * (ceil(log2 K) + n) + 32` (`n < 32`), `ceil(D/dc) * (ceil(log2 K) + 32)`
-  for `n = 32`. Defaults (K=256, dc=16, n=6) give 0.875 bit/coordinate.
+  Robustness: each layer is divided by a power of two (exact) before the search, so scores
+  and scalars never overflow; decoded values saturate at float32's range and then at the
+  template's dtype. The search scores `[chunks, K]` are formed `search_block` chunks at a
+  time (`lax.map` over blocks), bounding memory to `4 K search_block` bytes.
+
+  Bits per quantized layer: `ceil(numel/dc) * (ceil(log2 K) + n) + 32` (`n < 32`),
+  `ceil(numel/dc) * (ceil(log2 K) + 32)` for `n = 32`; per raw layer `32 numel`.
+  Defaults (K=256, dc=16, n=6) give 0.875 bit/coordinate on large layers.
 
   >>> import jax, jax.numpy as jnp
   >>> from fedjax_compress import Keys, bits
-  >>> c = hsq(error_feedback=False)
-  >>> g = {"w": jax.random.normal(jax.random.key(0), (1000,))}
+  >>> c = hsq()
+  >>> g = {"w": jax.random.normal(jax.random.key(0), (2000,)), "b": jnp.ones((10,))}
   >>> payload, _ = c.encode(g, c.init(g)[0], Keys(jax.random.key(1), jax.random.key(2)))
-  >>> int(bits.count(payload)) == 63 * (8 + 6) + 32
+  >>> int(bits.count(payload)) == 125 * (8 + 6) + 32 + 10 * 32
   True
   """
   size = checks.check_positive_int(codebook_size, "codebook_size")
@@ -121,29 +157,27 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
     raise ValueError(f"mode='unbiased' needs codebook_size >= chunk, got {size} < {dc}")
   kmeans_iters = checks.check_positive_int(kmeans_iters, "kmeans_iters")
   search_block = checks.check_positive_int(search_block, "search_block")
+  if (isinstance(raw_layer_size, bool) or not isinstance(raw_layer_size, (int, np.integer))
+      or raw_layer_size < 0):
+    raise ValueError(f"raw_layer_size must be an integer >= 0, got {raw_layer_size!r}")
+  if not isinstance(error_feedback, (bool, np.bool_)):
+    raise ValueError(f"error_feedback must be a bool, got {error_feedback!r}")
+  raw_layer_size = int(raw_layer_size)
   cb_np = codebook(size, dc, seed=seed, iters=kmeans_iters)
   pinv_np = (np.linalg.pinv(cb_np.T.astype(np.float64)).astype(np.float32)
              if mode == "unbiased" else None)  # K x dc with C^T pinv = I
   index_width = _bits.index_bits(size)
   half = 2**(nb - 1) - 1
+  random = mode == "unbiased" or (stochastic and nb != 32)
 
-  def chunks_of(vec):
-    n = -(-vec.shape[0] // dc)
-    return jnp.pad(vec.astype(jnp.float32), (0, n * dc - vec.shape[0])).reshape(n, dc)
+  def kind(numel: int) -> str:
+    return "empty" if numel == 0 else ("raw" if numel <= raw_layer_size else "hsq")
 
-  def encode_fn(vec, state, keys, params=None):
-    del params
-    checks.check_finite(vec)
-    x = chunks_of(vec)
+  def search_all(x: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Index and signed scalar of every row of `x[n, dc]` (`r`: uniforms for sampling)."""
     cb = jnp.asarray(cb_np)
-    k_sample, k_round = jax.random.split(keys.private)
-    n = x.shape[0]
     if mode == "greedy":
-      def search(xb, _):
-        p = xb @ cb.T                                # [b, K]: the search is one matmul
-        k = jnp.argmax(jnp.abs(p), axis=1)           # ties: lowest index
-        return k, jnp.take_along_axis(p, k[:, None], axis=1)[:, 0]
-      r = jnp.zeros((n,), jnp.float32)
+      search = lambda xb, rb: _greedy_search(xb, cb)
     else:
       def search(xb, rb):
         a = xb @ jnp.asarray(pinv_np).T              # [b, K]: C^T a_i = x_i
@@ -152,53 +186,112 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
         k = jnp.minimum(jnp.sum(jnp.cumsum(jnp.abs(a), axis=1) < (rb * l1)[:, None], axis=1),
                         size - 1)
         return k, jnp.sign(jnp.take_along_axis(a, k[:, None], axis=1)[:, 0]) * l1
-      r = jax.random.uniform(k_sample, (n,))
+    n = x.shape[0]
     if n <= search_block:
-      k, u = search(x, r)
-    else:  # bounded memory: blocks of chunks, zero-padded (padding rows are dropped)
-      nb_ = -(-n // search_block)
-      pad = nb_ * search_block - n
-      xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(nb_, search_block, dc)
-      rb = jnp.pad(r, (0, pad)).reshape(nb_, search_block)
-      k, u = jax.lax.map(lambda a: search(*a), (xb, rb))
-      k, u = k.reshape(-1)[:n], u.reshape(-1)[:n]
-    payload = {"index": Field(k.astype(_int_dtype(index_width, False)), index_width)}
+      return search(x, r)
+    nblk = -(-n // search_block)       # bounded memory: blocks of chunks, zero-padded
+    pad = nblk * search_block - n
+    xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(nblk, search_block, dc)
+    rb = jnp.pad(r, (0, pad)).reshape(nblk, search_block)
+    k, u = jax.lax.map(lambda a: search(*a), (xb, rb))
+    return k.reshape(-1)[:n], u.reshape(-1)[:n]
+
+  def encode_leaf(leaf: jax.Array, key: jax.Array) -> dict:
+    numel = int(np.prod(np.shape(leaf), dtype=np.int64))
+    vec = jnp.ravel(leaf).astype(jnp.float32)
+    if kind(numel) == "empty":
+      return {}
+    if kind(numel) == "raw":
+      return {"raw": Field(vec, 32)}
+    n = -(-numel // dc)
+    scale_x = _pow2_scale(jnp.max(jnp.abs(jax.lax.stop_gradient(vec))))  # exact rescaling
+    x = jnp.pad(vec / scale_x, (0, n * dc - numel)).reshape(n, dc)
+    k_sample, k_round = jax.random.split(key)
+    r = (jax.random.uniform(k_sample, (n,)) if mode == "unbiased"
+         else jnp.zeros((n,), jnp.float32))
+    k, u = search_all(x, r)           # u in units of scale_x: |u| <= sqrt(dc) 2 ||pinv||
+    out = {"index": Field(k.astype(_int_dtype(index_width, False)), index_width)}
     if nb == 32:
-      payload["scalar"] = Field(u.astype(jnp.float32), 32)
-      return payload, state
-    scale = jnp.max(jnp.abs(u)) / half
-    v = u / jnp.where(scale > 0, scale, 1.0)
+      out["scalar"] = Field(checks.saturate(u * scale_x, jnp.isfinite(u)), 32)
+      return out
+    step = jnp.max(jnp.abs(u)) / half
+    v = u / jnp.where(step > 0, step, 1.0)
     if stochastic:
       low = jnp.floor(v)
       level = low + (jax.random.uniform(k_round, v.shape) < v - low)
     else:
       level = jnp.round(v)
     level = jnp.clip(level, -half, half).astype(_int_dtype(nb, True))
-    payload["scalar"] = Field(level, nb)
-    payload["scale"] = Field(scale.reshape(1).astype(jnp.float32), 32)
-    return payload, state
+    out["scalar"] = Field(level, nb)
+    scale = checks.saturate(step * scale_x, jnp.isfinite(step))   # finite for finite input
+    out["scale"] = Field(scale.reshape(1).astype(jnp.float32), 32)
+    return out
+
+  def decode_leaf(msg: dict, like: Any) -> jax.Array:
+    shape, dtype = np.shape(like), jnp.result_type(like)
+    numel = int(np.prod(shape, dtype=np.int64))
+    if kind(numel) == "empty":
+      return jnp.zeros(shape, dtype)
+    if kind(numel) == "raw":
+      return checks.cast_finite(msg["raw"].data.reshape(shape), dtype)
+    cw = jnp.asarray(cb_np)[msg["index"].data.astype(jnp.int32)]          # [n, dc]
+    if nb == 32:
+      y = msg["scalar"].data[:, None] * cw                 # |y| <= |u|: finite
+    else:  # (level * codeword) * scale: |level c| <= h; the one product saturates
+      scale = msg["scale"].data[0]
+      y = checks.saturate((msg["scalar"].data.astype(jnp.float32)[:, None] * cw) * scale,
+                          jnp.isfinite(scale))
+    return checks.cast_finite(y.reshape(-1)[:numel].reshape(shape), dtype)
+
+  def encode_fn(updates, state, keys, params=None):
+    del params
+    if random:
+      checks.check_keys(keys)
+    checks.check_finite(updates)
+    return layout.stamp(encode_core(updates, keys.private if random else None), updates), state
+
+  @jax.jit
+  def encode_core(updates, key):
+    leaves = jax.tree.leaves(updates)
+    key = jax.random.key(0) if key is None else key
+    keys = (jax.random.split(key, len(leaves)) if len(leaves) > 1 else [key] * len(leaves))
+    return tuple(encode_leaf(x, k) for x, k in zip(leaves, keys))
 
   def decode_fn(payload, state, keys, like):
     del keys
-    u = payload["scalar"].data.astype(jnp.float32)
-    if nb != 32:
-      u = u * payload["scale"].data[0]
-    k = payload["index"].data.astype(jnp.int32)
-    out = (u[:, None] * jnp.asarray(cb_np)[k]).reshape(-1)[:like.shape[0]]
-    return out.astype(like.dtype), state
+    payload = layout.unstamp(payload, like)
+    return decode_core(payload, like), state  # only like's shapes/dtypes are used
+
+  @jax.jit
+  def decode_core(payload, like):
+    leaves, treedef = jax.tree.flatten(like)
+    if len(payload) != len(leaves):
+      raise ValueError(f"hsq: payload has {len(payload)} leaves, template {len(leaves)}")
+    return jax.tree.unflatten(treedef, [decode_leaf(m, l) for m, l in zip(payload, leaves)])
 
   def aggregate_fn(payloads, weights, keys, like):
     del keys
-    decoded = jax.vmap(lambda q: decode_fn(q, None, None, like)[0].astype(jnp.float32))(payloads)
-    return jnp.tensordot(weights, decoded, axes=1).astype(like.dtype)
+    like32 = layout.zeros_like_f32(like)  # decode in float32, round to like's dtypes once
+    decoded = jax.vmap(lambda q: decode_fn(q, None, None, like32)[0])(payloads)
+    return jax.tree.map(lambda d, l: checks.cast_finite(jnp.tensordot(weights, d, axes=1),
+                                                        jnp.result_type(l)), decoded, like)
 
-  codec = flattened(Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn))
+  codec = Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
   return _error_feedback(codec) if error_feedback else codec
 
 
-def bits_per_message(num_params: int, *, codebook_size: int = 256, chunk: int = 16,
-                     scalar_bits: int = 6) -> int:
-  """Wire bits of one HSQ message for a model of `num_params` coordinates (spec 2.7 form)."""
-  n = math.ceil(num_params / chunk)
-  per_chunk = _bits.index_bits(codebook_size) + scalar_bits
-  return n * per_chunk + (0 if scalar_bits == 32 else 32)
+def bits_per_message(num_params: int | Sequence[int], *, codebook_size: int = 256,
+                     chunk: int = 16, scalar_bits: int = 6,
+                     raw_layer_size: int = RAW_LAYER_SIZE) -> int:
+  """Wire bits of one HSQ message (spec 2.7) for leaves of `num_params` entries (int: one leaf)."""
+  sizes = [num_params] if isinstance(num_params, (int, np.integer)) else list(num_params)
+  total = 0
+  for numel in sizes:
+    if numel == 0:
+      continue
+    if numel <= raw_layer_size:
+      total += 32 * numel
+      continue
+    n = math.ceil(numel / chunk)
+    total += n * (_bits.index_bits(codebook_size) + scalar_bits) + (0 if scalar_bits == 32 else 32)
+  return total
