@@ -70,8 +70,11 @@ def test_hsq_experiment_bits(tmp_path):
   run.main(["--workdir", str(tmp_path), "--rounds", str(ROUNDS), "--hidden", str(HIDDEN)])
   by = _summary(tmp_path)["by"]
   hsq16 = by["HSQ K=256 dc=16 (defaults)"]
-  assert hsq16["up_bits"] == _hsq.bits_per_message(D) * CLIENT_ROUNDS
-  assert by["HSQ K=256 dc=8"]["up_bits"] == _hsq.bits_per_message(D, chunk=8) * CLIENT_ROUNDS
+  sizes = [60 * HIDDEN, HIDDEN, HIDDEN * 10, 10]   # per layer; layers <= 1000 entries raw
+  assert hsq16["up_bits"] == _hsq.bits_per_message(sizes) * CLIENT_ROUNDS
+  assert by["HSQ K=256 dc=8"]["up_bits"] == _hsq.bits_per_message(sizes, chunk=8) * CLIENT_ROUNDS
+  assert by["HSQ K=256 dc=16, all layers"]["up_bits"] == _hsq.bits_per_message(
+      sizes, raw_layer_size=0) * CLIENT_ROUNDS
   assert hsq16["bits_per_coord"] == pytest.approx(hsq16["up_bits"] / (D * CLIENT_ROUNDS))
   topk = next(r for m, r in by.items() if m.startswith("top-k"))
   assert abs(topk["up_bits"] - hsq16["up_bits"]) <= 0.1 * hsq16["up_bits"]  # matched budget

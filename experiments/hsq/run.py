@@ -1,8 +1,10 @@
 """HSQ experiment (spec ALGORITHMS_M22_HSQ_LAQ.md 4.2, expected shape UNVERIFIED).
 
-HSQ with its defaults (K = 256, dc = 16, 6-bit scalar, error feedback) and dc = 8, against
-fp32 (identity), QSGD 2-bit (s = 1, bucket 128), signSGD (scaled, + EF) and top-k + EF at
-about HSQ dc=16's uplink. FedAvg on Synthetic(0.5, 0.5) with an MLP (the paper/logs:
+HSQ with its defaults (as the released code: per-layer scalar grids, layers of <= 1000
+entries sent raw, no error feedback; K = 256, dc = 16, 6-bit scalar), with error feedback,
+with every layer quantized (`raw_layer_size=0`) and with dc = 8, against fp32 (identity),
+QSGD 2-bit (s = 1, bucket 128), signSGD (scaled, + EF) and top-k + EF at about the default
+HSQ's uplink. FedAvg on Synthetic(0.5, 0.5) with an MLP (the paper/logs:
 CIFAR-10 VGG/ResNet, ImageNet ResNet-50). Reports accuracy, exact uplink bits, bits per
 coordinate and the compression factor vs fp32.
 
@@ -29,16 +31,24 @@ def base_config(rounds: int, hidden: int, seed: int) -> Any:
   return c
 
 
-def variants(num_params: int) -> list[Variant]:
-  """fp32, HSQ dc=16/8, QSGD 2-bit, signSGD+EF and top-k+EF at HSQ dc=16's bits."""
-  hsq_bits = _hsq.bits_per_message(num_params)
+def layer_sizes(hidden: int) -> list[int]:
+  """Leaf sizes of the MLP 60-hidden-10 (synthetic dim 60, 10 classes)."""
+  return [60 * hidden, hidden, hidden * 10, 10]
+
+
+def variants(sizes: Sequence[int]) -> list[Variant]:
+  """fp32, HSQ (defaults, + EF, all layers, dc=8), QSGD 2-bit, signSGD+EF, top-k+EF at HSQ's bits."""
+  num_params = sum(sizes)
+  hsq_bits = _hsq.bits_per_message(sizes)
   k = max(1, round(hsq_bits / (32 + math.ceil(math.log2(num_params)))))
   return [Variant("fp32 (identity)", "identity", {}),
           Variant("HSQ K=256 dc=16 (defaults)", "hsq", {}),
+          Variant("HSQ K=256 dc=16 + EF", "hsq", {"error_feedback": True}),
+          Variant("HSQ K=256 dc=16, all layers", "hsq", {"raw_layer_size": 0}),
           Variant("HSQ K=256 dc=8", "hsq", {"chunk": 8}),
           Variant("QSGD 2-bit (s=1, bucket 128)", "qsgd", {"levels": 1, "bucket_size": 128}),
           Variant("signSGD (scaled) + EF", "sign_sgd", {"scaled": True}, ef=True),
-          Variant(f"top-k + EF (k={k}, ~HSQ dc=16 bits)", "top_k", {"k": k}, ef=True)]
+          Variant(f"top-k + EF (k={k}, ~HSQ defaults' bits)", "top_k", {"k": k}, ef=True)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -50,8 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
   base = base_config(a.rounds, a.hidden, a.seed)
-  num_params = 60 * a.hidden + a.hidden + a.hidden * 10 + 10  # synthetic dim 60, 10 classes
-  summaries, _ = sweep.run_variants(base, variants(num_params), a.workdir)
+  sizes = layer_sizes(a.hidden)
+  num_params = sum(sizes)
+  summaries, _ = sweep.run_variants(base, variants(sizes), a.workdir)
   ref = summaries[0]
   for s in summaries:
     if "error" in s:
