@@ -2,9 +2,11 @@
 --workdir=results/quickstart` (override fields with `--config.rounds=10`, etc.).
 
 Re-running with the same workdir resumes from the latest verified checkpoint (only
-`--config.rounds` may change). A bad config field exits with a message naming it; a second
-process on a busy workdir exits with a message naming the running one; SIGTERM (like Ctrl-C)
-checkpoints the last completed round and exits with status 143.
+`--config.rounds` may change). A bad config field, a config that differs from the
+workdir's run, a busy workdir (another process runs in it) or one that cannot be resumed
+safely exit with status 1 and a one-line `error: ...` naming the cause, before anything in
+the workdir is changed; SIGTERM (like Ctrl-C) checkpoints the last completed round and
+exits with status 143.
 """
 
 import signal
@@ -13,10 +15,25 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.common import Terminated, WorkdirBusy, run_experiment, validate_config
+from experiments.common import ConfigError, Terminated, WorkdirError, run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if present).")
+
+
+def execute(config, workdir: str) -> list[dict]:
+  """`run_experiment` with the CLI's exits: `error: <message>` (status 1) for a config or
+  workdir error, status 143 for SIGTERM; prints a one-line summary when done."""
+  try:
+    rows = run_experiment(config, workdir)
+  except (ConfigError, WorkdirError) as e:  # WorkdirBusy included
+    sys.exit(f"error: {e}")
+  except Terminated:
+    sys.exit(128 + signal.SIGTERM)
+  last = rows[-1] if rows else {}
+  print(f"done: {len(rows)} rounds, accuracy={last.get('accuracy')}, "
+        f"cum_bits={last.get('cum_bits')} -> {workdir}")
+  return rows
 
 
 def main(argv):
@@ -25,19 +42,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  try:
-    validate_config(_CONFIG.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  try:
-    rows = run_experiment(_CONFIG.value, _WORKDIR.value)
-  except WorkdirBusy as e:
-    sys.exit(f"error: {e}")
-  except Terminated:
-    sys.exit(128 + signal.SIGTERM)
-  last = rows[-1] if rows else {}
-  print(f"done: {len(rows)} rounds, accuracy={last.get('accuracy')}, "
-        f"cum_bits={last.get('cum_bits')} -> {_WORKDIR.value}")
+  execute(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

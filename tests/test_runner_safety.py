@@ -14,16 +14,21 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
-from experiments.common import (WorkdirBusy, available, final_state, make_compressor,
-                                run_experiment, runner, validate_config)
+from experiments import run as cli
+from experiments.common import (ConfigError, Terminated, WorkdirBusy, WorkdirError, available,
+                                final_state, make_compressor, run_experiment, runner,
+                                validate_config)
 from experiments.common.checkpoint import WorkdirLock, config_diff
+from experiments.common.logging import MetricsWriter
 from experiments.configs import quickstart
 from fedjax_compress import data as fdata
+from fedjax_compress.checkpoint import _checkpoint as fckpt_impl
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 8
@@ -50,6 +55,25 @@ def _leaf_bytes(state):
 def _lines(path):
   with open(path) as f:
     return f.read().splitlines()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def real_build():
+  """Each config is built (and its round compiled) once in this module; the runs here differ
+  in their workdirs, not their programs. Yields the real `build_experiment`."""
+  real, cache = runner.build_experiment, {}
+
+  def cached(config, data=None):
+    if data is not None:
+      return real(config, data)
+    key = json.dumps(dict(runner.normalized_config(validate_config(config)), rounds=None),
+                     sort_keys=True)
+    if key not in cache:
+      cache[key] = real(config)
+    return cache[key]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(runner, "build_experiment", cached)
+    yield real
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +142,7 @@ def test_no_verified_checkpoint_stops_and_touches_nothing(ref, tmp_path):
   os.truncate(_ckpt(workdir, 6), 100)
   before = {n: open(os.path.join(dp, n), "rb").read()
             for dp, _, ns in os.walk(workdir) for n in ns}
-  with pytest.raises(RuntimeError, match="passes verification.*nothing was changed"):
+  with pytest.raises(WorkdirError, match="passes verification.*nothing was changed"):
     run_experiment(tiny_config(), workdir, progress=False)
   after = {n: open(os.path.join(dp, n), "rb").read()
            for dp, _, ns in os.walk(workdir) for n in ns}
@@ -176,7 +200,7 @@ def test_changed_config_is_refused_without_config_json(ref, tmp_path, config_jso
   else:
     with open(cpath, "w") as f:
       f.write("{not json")
-    with pytest.raises(ValueError, match="config.json is not a readable JSON config"):
+    with pytest.raises(ConfigError, match="config.json is not a readable JSON config"):
       run_experiment(tiny_config(), workdir, progress=False)
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == open(
       os.path.join(ref[0], "metrics.jsonl")).read()
@@ -208,6 +232,9 @@ _BAD_FIELDS = [
     ("model", {"name": "mlp", "kwargs": {"hiden": 3}}, "config.model"),
     ("dataset", {"name": "synthetic", "alpha": 0.5, "betta": 0.5}, "config.dataset.betta"),
     ("dataset", {"name": "synthetic", "alpha": 0.5}, "config.dataset.beta"),
+    ("dataset", {"name": "synthetic", "alpha": 0.5, "beta": 0.5, "seed": -1},
+     "config.dataset.seed"),
+    ("dataset", {"name": "digits", "num_clients": 0}, "config.dataset.num_clients"),
 ]
 
 
@@ -232,7 +259,7 @@ def test_missing_field_and_cohort_above_clients(tmp_path):
   assert os.listdir(tmp_path / "run") == [".lock"]  # no config.json, metrics or checkpoint
 
 
-def test_clients_per_chunk_reaches_the_round(monkeypatch):
+def test_clients_per_chunk_reaches_the_round(monkeypatch, real_build):
   seen = []
   real = runner.federated.build_round
 
@@ -240,7 +267,7 @@ def test_clients_per_chunk_reaches_the_round(monkeypatch):
     seen.append(k.get("clients_per_chunk"))
     return real(*a, **k)
   monkeypatch.setattr(runner.federated, "build_round", spy)
-  runner.build_experiment(tiny_config(clients_per_chunk=2))
+  real_build(tiny_config(clients_per_chunk=2))
   assert seen == [2]
 
 
@@ -296,8 +323,157 @@ def test_lock_refuses_a_second_writer_in_process(tmp_path):
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+def test_bad_dataset_value_is_named_and_nothing_is_written(tmp_path):
+  cfg = tiny_config(dataset=dict(tiny_config().dataset, alpha=-1.0))
+  with pytest.raises(ConfigError, match=r"config\.dataset \(dataset 'synthetic'\): alpha"):
+    run_experiment(cfg, str(tmp_path / "run"), progress=False)
+  assert os.listdir(tmp_path / "run") == [".lock"]
+
+
+def test_unscaled_sign_sgd_with_error_feedback_warns():
+  with pytest.warns(UserWarning, match="unscaled signs"):
+    validate_config(tiny_config(compressor="sign_sgd", compressor_kwargs={}))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    validate_config(tiny_config(compressor="sign_sgd", compressor_kwargs={"scaled": True}))
+
+
+def test_sigterm_checkpoints_the_last_completed_round(ref, tmp_path):
+  workdir = str(tmp_path / "run")
+  before = signal.getsignal(signal.SIGTERM)
+
+  def term(r, row):
+    if r == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(Terminated):
+    run_experiment(tiny_config(), workdir, progress=False, callback=term)
+  assert signal.getsignal(signal.SIGTERM) is before  # the handler is only ours during a run
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_3.ckpt", "step_4.ckpt"]
+  assert runner.fcheckpoint.read_metadata(_ckpt(workdir, 4))["rows"] == ref[1][:4]
+  assert len(_lines(os.path.join(workdir, "metrics.jsonl"))) == 4
+  _assert_like_ref(workdir, run_experiment(tiny_config(), workdir, progress=False), ref)
+
+
+class _Killed(BaseException):
+  """Stands in for kill -9: nothing in the runner catches it (no final checkpoint)."""
+
+
+def _finished_pid():
+  """The pid of a process that has exited."""
+  p = subprocess.Popen(["true"])
+  p.wait()
+  return p.pid
+
+
+def test_crash_at_random_points_then_resume_is_identical(ref, tmp_path, monkeypatch):
+  """In-process stand-in for kill -9 (the slow test below does it for real): a crash at a
+  random row write (torn or whole) or checkpoint save (half-written temporary of a dead
+  process, or after the file but before pruning), a stale lock file, then a rerun."""
+  workdir = str(tmp_path / "run")
+  rng = random.Random(0)
+  plan = {}
+  real_write, real_save = MetricsWriter.write, fckpt_impl.save
+
+  def write(self, row):
+    plan["rows"] = plan.get("rows", 0) + 1
+    if plan.get("at") == ("row", plan["rows"]):
+      if plan["how"] == "torn":
+        with open(self.path, "a") as f:
+          f.write(json.dumps(row)[:17])
+      else:
+        real_write(self, row)
+      raise _Killed(plan)
+    real_write(self, row)
+
+  def save(path, tree, **kw):
+    plan["saves"] = plan.get("saves", 0) + 1
+    if plan.get("at") == ("save", plan["saves"]):
+      if plan["how"] == "torn":
+        tmp = os.path.join(os.path.dirname(path),
+                           f".{os.path.basename(path)}.tmp.{_finished_pid()}.0badc0de")
+        with open(tmp, "wb") as f:
+          f.write(fckpt_impl.MAGIC + b"\x00" * 20)
+      else:
+        real_save(path, tree, **kw)
+      raise _Killed(plan)
+    real_save(path, tree, **kw)
+  monkeypatch.setattr(MetricsWriter, "write", write)
+  monkeypatch.setattr(fckpt_impl, "save", save)
+  crashes = []
+  for _ in range(4):
+    plan.clear()
+    plan.update(at=rng.choice([("row", rng.randint(1, 3)), ("save", rng.randint(1, 2))]),
+                how=rng.choice(["torn", "whole"]))
+    try:
+      run_experiment(tiny_config(), workdir, progress=False)
+    except _Killed:
+      crashes.append((plan["at"], plan["how"],
+                      len(_lines(os.path.join(workdir, "metrics.jsonl")))))
+    with open(os.path.join(workdir, ".lock"), "w") as f:
+      f.write(f"{_finished_pid()} elsewhere\n")  # a dead writer's lock never blocks
+  assert len(crashes) >= 3 and {c[1] for c in crashes} == {"torn", "whole"}, crashes
+  assert {c[0][0] for c in crashes} == {"row", "save"}, crashes
+  plan.clear()
+  _assert_like_ref(workdir, run_experiment(tiny_config(), workdir, progress=False), ref)
+  assert not [n for n in os.listdir(workdir) if ".bak" in n or ".tmp" in n]
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_6.ckpt", "step_8.ckpt"]
+
+
+def _quickstart(**over):
+  """The quickstart config with `--config.x=...` style overrides (dotted names as `x__y`)."""
+  c = quickstart.get_config()
+  for k, v in over.items():
+    *parents, leaf = k.split("__")
+    setattr(functools.reduce(getattr, parents, c), leaf, v)
+  return c
+
+
+def test_cli_runs_digits_and_reports_errors_in_one_line(ref, tmp_path, capsys):
+  pytest.importorskip("sklearn")
+  work = str(tmp_path / "digits")
+  digits = dict(tiny_config().dataset, name="digits", num_clients=6)  # + synthetic's fields
+  rows = cli.execute(tiny_config(dataset=digits, rounds=2), work)
+  out = capsys.readouterr()
+  assert f"done: 2 rounds, accuracy={rows[-1]['accuracy']}" in out.out
+  assert "ignores config.dataset fields ['beta'," in out.err
+  assert [r["round"] for r in rows] == [1, 2] and 0 <= rows[-1]["accuracy"] <= 1
+  assert json.load(open(os.path.join(work, "config.json")))["dataset"]["name"] == "digits"
+  ref_copy = _copy(ref, tmp_path)
+  with open(os.path.join(ref_copy, "config.json"), "w") as f:
+    f.write("[1, 2")
+  cases = [(_quickstart(eval_every=0), str(tmp_path / "a"), "config.eval_every must be"),
+           (_quickstart(cohort_size=31), str(tmp_path / "b"), "cohort_size=31 exceeds the 30"),
+           (tiny_config(dataset=digits, rounds=3, client_lr=0.5), work,
+            "differs in ['client_lr']"),
+           (tiny_config(), ref_copy, "config.json is not a readable JSON config")]
+  for cfg, workdir, msg in cases:
+    with pytest.raises(SystemExit) as e:
+      cli.execute(cfg, workdir)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
+    assert msg in e.value.code and "\n" not in e.value.code
+  with WorkdirLock(work):
+    with pytest.raises(SystemExit, match=f"error: .* in use by process {os.getpid()}"):
+      cli.execute(tiny_config(dataset=digits, rounds=2), work)
+  assert [json.loads(line) for line in _lines(os.path.join(work, "metrics.jsonl"))] == rows
+
+
+@pytest.mark.slow
+def test_cli_digits_by_flag(tmp_path):
+  """`python -m experiments.run --config.dataset.name=digits` (the real flag parsing)."""
+  pytest.importorskip("sklearn")
+  argv = [sys.executable, "-m", "experiments.run", "--config=experiments/configs/quickstart.py",
+          f"--workdir={tmp_path}", "--config.dataset.name=digits"]
+  p = subprocess.run(argv + ["--config.rounds=2"], cwd=_ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0 and "done: 2 rounds" in p.stdout, p.stderr[-2000:]
+  bad = subprocess.run(argv + ["--config.client_lr=9"], cwd=_ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1, bad.stderr[-2000:]
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------
-# Processes: the lock between processes, SIGTERM, kill -9 at random points.
+# Processes (slow): the lock between processes, SIGTERM, kill -9 at random points.
 
 def _env():
   return dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -322,6 +498,7 @@ def _wait_rows(path, n, proc, timeout=120.0):
   raise AssertionError(f"no {n} rows in {path} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_second_process_refused_then_sigterm_checkpoints_last_round(ref, tmp_path):
   workdir = str(tmp_path / "run")
   mpath = os.path.join(workdir, "metrics.jsonl")
@@ -348,6 +525,7 @@ def test_second_process_refused_then_sigterm_checkpoints_last_round(ref, tmp_pat
   _assert_like_ref(workdir, rows, ref)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_identical(ref, tmp_path):
   workdir = str(tmp_path / "run")
   mpath = os.path.join(workdir, "metrics.jsonl")

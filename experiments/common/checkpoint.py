@@ -8,6 +8,8 @@ keep-last-N); this module adds what only a run directory needs:
     dead process never blocks a rerun; a second live writer gets `WorkdirBusy` naming the
     holder's pid. The file is never deleted (deleting it would let two processes lock two
     different inodes of the same name).
+  - `WorkdirError`: the workdir cannot be resumed safely as it is (the message says why and
+    what to do); raised before anything in it is changed.
   - `config_diff(old, new)`: the dotted names of the fields that differ, ignoring `rounds`
     (the one field a resumed run may change).
 """
@@ -27,7 +29,11 @@ except ImportError:  # pragma: no cover - not POSIX
 LOCK_NAME = ".lock"
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirError(RuntimeError):
+  """The workdir's contents prevent a safe run (e.g. no checkpoint verifies); nothing changed."""
+
+
+class WorkdirBusy(WorkdirError):
   """Another live process holds the workdir's lock."""
 
 

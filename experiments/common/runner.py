@@ -43,7 +43,7 @@ import numpy as np
 import optax
 import tqdm
 
-from experiments.common.checkpoint import WorkdirLock, config_diff
+from experiments.common.checkpoint import WorkdirError, WorkdirLock, config_diff
 from experiments.common.compressors import available, make_compressor
 from experiments.common.logging import MetricsWriter
 from experiments.common.plotting import plot_accuracy_vs_bits
@@ -54,6 +54,10 @@ from fedjax_compress._src.base import Compressor
 from fedjax_compress.compressors import per_bit_accuracy
 
 CKPT_KEEP = 2  # checkpoints kept per run (the newest and one fallback)
+
+
+class ConfigError(ValueError):
+  """A config that does not fit its data or its workdir (changed config, cohort too large)."""
 
 
 def format_bits(n: int) -> str:
@@ -93,8 +97,8 @@ def dataset_loader(name: str) -> Callable[..., fdata.FederatedData]:
     return functools.partial(fdata.load_tfds, name)
   if isinstance(entry, str):
     if not hasattr(fdata, entry):
-      raise ValueError(f"dataset {name!r} needs fedjax_compress.data.{entry}, which this "
-                       "installation does not have")
+      raise ConfigError(f"dataset {name!r} needs fedjax_compress.data.{entry}, which this "
+                        "installation does not have")
     return getattr(fdata, entry)
   return entry
 
@@ -120,12 +124,13 @@ def dataset_kwargs(cfg: Any) -> tuple[str, dict, list[str]]:
 
   Fields the loader does not take but another dataset does (e.g. the quickstart's
   synthetic `beta` after `--config.dataset.name=emnist`) are ignored and returned; any
-  other unknown field, or a missing required one, is a `ValueError` naming it.
+  other unknown field, a missing required one, or a bad `seed` / `num_clients`, is a
+  `ConfigError` naming it.
   """
   kw = _plain(cfg)
   if not isinstance(kw, dict) or not isinstance(kw.get("name"), str) or not kw["name"]:
-    raise ValueError(f"config.dataset must be a mapping with a non-empty string 'name', "
-                     f"got {cfg!r}")
+    raise ConfigError(f"config.dataset must be a mapping with a non-empty string 'name', "
+                      f"got {cfg!r}")
   name = kw.pop("name")
   named, var_kw = _params(dataset_loader(name))
   if var_kw:
@@ -134,12 +139,16 @@ def dataset_kwargs(cfg: Any) -> tuple[str, dict, list[str]]:
   ignored = sorted(k for k in kw if k not in named and k in others)
   unknown = sorted(k for k in kw if k not in named and k not in others)
   if unknown:
-    raise ValueError(f"config.dataset.{unknown[0]} is not a field of dataset {name!r}; "
-                     f"it takes {sorted(named)}")
+    raise ConfigError(f"config.dataset.{unknown[0]} is not a field of dataset {name!r}; "
+                      f"it takes {sorted(named)}")
   missing = [k for k, p in named.items() if p.default is p.empty and k not in kw]
   if missing:
-    raise ValueError(f"config.dataset.{missing[0]} is required by dataset {name!r}")
-  return name, {k: v for k, v in kw.items() if k in named}, ignored
+    raise ConfigError(f"config.dataset.{missing[0]} is required by dataset {name!r}")
+  kw = {k: v for k, v in kw.items() if k in named}
+  for field, lo in (("seed", 0), ("num_clients", 1)):  # fields every loader reads alike
+    if field in kw:
+      _int(kw, field, lo, prefix="config.dataset.")
+  return name, kw, ignored
 
 
 def make_dataset(cfg: Any) -> fdata.FederatedData:
@@ -148,7 +157,10 @@ def make_dataset(cfg: Any) -> fdata.FederatedData:
   if ignored:
     _note(f"dataset {name!r} ignores config.dataset fields {ignored} (they belong to "
           "other datasets)")
-  return dataset_loader(name)(**kw)
+  try:
+    return dataset_loader(name)(**kw)
+  except (ValueError, TypeError) as e:  # a field value the loader refuses
+    raise ConfigError(f"config.dataset (dataset {name!r}): {e}") from e
 
 
 def make_server_tx(name: str, lr: float) -> optax.GradientTransformation:
@@ -171,42 +183,43 @@ OPTIONAL_FIELDS = {"error_feedback": False, "downlink": "", "downlink_kwargs": {
                    "weighting": "num_examples", "shard": True, "clients_per_chunk": None}
 
 
-def _int(cfg: dict, field: str, lo: int, hi: Optional[int] = None) -> None:
+def _int(cfg: dict, field: str, lo: int, hi: Optional[int] = None, *,
+         prefix: str = "config.") -> None:
   v = cfg[field]
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (
       hi is not None and v > hi):
     rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-    raise ValueError(f"config.{field} must be an integer {rng}, got {v!r}")
+    raise ConfigError(f"{prefix}{field} must be an integer {rng}, got {v!r}")
 
 
 def _positive_float(cfg: dict, field: str) -> None:
   v = cfg[field]
   if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
       or not math.isfinite(v) or v <= 0):
-    raise ValueError(f"config.{field} must be a finite number > 0, got {v!r}")
+    raise ConfigError(f"config.{field} must be a finite number > 0, got {v!r}")
 
 
 def _mapping(cfg: dict, field: str) -> None:
   if not isinstance(cfg[field], Mapping):
-    raise ValueError(f"config.{field} must be a mapping, got {cfg[field]!r}")
+    raise ConfigError(f"config.{field} must be a mapping, got {cfg[field]!r}")
 
 
 def normalized_config(config: Any) -> dict:
   """`config` as the plain JSON dict stored with a run (optional fields filled in)."""
   cfg = _plain(config)
   if not isinstance(cfg, dict):
-    raise ValueError(f"config must be a ConfigDict or mapping, got {type(config).__name__}")
+    raise ConfigError(f"config must be a ConfigDict or mapping, got {type(config).__name__}")
   cfg = dict(OPTIONAL_FIELDS, **cfg)
   try:
     return json.loads(json.dumps(cfg))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"config must hold JSON values only: {e}") from e
+    raise ConfigError(f"config must hold JSON values only: {e}") from e
 
 
 def validate_config(config: Any) -> ml_collections.ConfigDict:
   """Check every field of an experiment config; returns it normalized (`ConfigDict`).
 
-  Raises `ValueError` naming the first bad field: unknown or missing fields, non-positive
+  Raises `ConfigError` (a `ValueError`) naming the first bad field: unknown or missing fields, non-positive
   counts (`eval_every`, `checkpoint_every`, `cohort_size`, ...), `rounds < 0`, a seed out of
   `[0, 2^63)`, non-finite or non-positive learning rates, unknown compressor / downlink /
   server optimizer / model / weighting, bad compressor or model arguments, bad dataset
@@ -215,11 +228,11 @@ def validate_config(config: Any) -> ml_collections.ConfigDict:
   cfg = normalized_config(config)
   unknown = sorted(set(cfg) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
   if unknown:
-    raise ValueError(f"unknown config field config.{unknown[0]}; the fields are "
-                     f"{sorted(REQUIRED_FIELDS + tuple(OPTIONAL_FIELDS))}")
+    raise ConfigError(f"unknown config field config.{unknown[0]}; the fields are "
+                      f"{sorted(REQUIRED_FIELDS + tuple(OPTIONAL_FIELDS))}")
   for f in REQUIRED_FIELDS:
     if f not in cfg:
-      raise ValueError(f"config.{f} is missing")
+      raise ConfigError(f"config.{f} is missing")
   _int(cfg, "seed", 0, 2**63 - 1)
   _int(cfg, "rounds", 0)
   for f in ("cohort_size", "local_steps", "batch_size", "eval_every", "checkpoint_every"):
@@ -228,19 +241,19 @@ def validate_config(config: Any) -> ml_collections.ConfigDict:
   _positive_float(cfg, "server_lr")
   for f in ("error_feedback", "shard"):
     if not isinstance(cfg[f], bool):
-      raise ValueError(f"config.{f} must be True or False, got {cfg[f]!r}")
+      raise ConfigError(f"config.{f} must be True or False, got {cfg[f]!r}")
   if cfg["weighting"] not in ("num_examples", "uniform"):
-    raise ValueError(f"config.weighting must be 'num_examples' or 'uniform', got "
-                     f"{cfg['weighting']!r}")
+    raise ConfigError(f"config.weighting must be 'num_examples' or 'uniform', got "
+                      f"{cfg['weighting']!r}")
   chunk = cfg["clients_per_chunk"]
   if chunk is not None and chunk != "all":
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-      raise ValueError(f"config.clients_per_chunk must be None (backend default), 'all' or "
-                       f"an integer >= 1, got {chunk!r}")
+      raise ConfigError(f"config.clients_per_chunk must be None (backend default), 'all' or "
+                        f"an integer >= 1, got {chunk!r}")
   try:
     make_server_tx(cfg["server_opt"], cfg["server_lr"])
   except ValueError as e:
-    raise ValueError(f"config.server_opt: {e}") from None
+    raise ConfigError(f"config.server_opt: {e}") from None
   _mapping(cfg, "compressor_kwargs")
   _mapping(cfg, "downlink_kwargs")
   for f, kw in (("compressor", "compressor_kwargs"), ("downlink", "downlink_kwargs")):
@@ -248,20 +261,20 @@ def validate_config(config: Any) -> ml_collections.ConfigDict:
     if f == "downlink" and name == "":
       continue
     if not isinstance(name, str) or name not in available():
-      raise ValueError(f"config.{f}: unknown compressor {name!r}; available: {available()}")
+      raise ConfigError(f"config.{f}: unknown compressor {name!r}; available: {available()}")
     try:
       make_compressor(name, cfg[kw], ef=cfg["error_feedback"] and f == "compressor")
     except (ValueError, TypeError) as e:
-      raise ValueError(f"config.{kw}: {e}") from None
+      raise ConfigError(f"config.{kw}: {e}") from None
   model = cfg["model"]
   if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-    raise ValueError(f"config.model must be a mapping with a string 'name', got {model!r}")
+    raise ConfigError(f"config.model must be a mapping with a string 'name', got {model!r}")
   if not isinstance(model.get("kwargs", {}), Mapping):
-    raise ValueError(f"config.model.kwargs must be a mapping, got {model['kwargs']!r}")
+    raise ConfigError(f"config.model.kwargs must be a mapping, got {model['kwargs']!r}")
   try:
     models.create(model["name"], 2, **dict(model.get("kwargs", {})))
   except (ValueError, TypeError) as e:
-    raise ValueError(f"config.model: {e}") from None
+    raise ConfigError(f"config.model: {e}") from None
   dataset_kwargs(cfg["dataset"])
   out = ml_collections.ConfigDict(_plain(config) if hasattr(config, "to_dict")
                                   else copy.deepcopy(dict(config)))
@@ -310,8 +323,8 @@ def build_experiment(config: Any, data: Optional[fdata.FederatedData] = None) ->
   config = validate_config(config)
   data = make_dataset(config.dataset) if data is None else data
   if config.cohort_size > data.num_clients:
-    raise ValueError(f"config.cohort_size={config.cohort_size} exceeds the "
-                     f"{data.num_clients} clients of dataset {data.name!r}")
+    raise ConfigError(f"config.cohort_size={config.cohort_size} exceeds the "
+                      f"{data.num_clients} clients of dataset {data.name!r}")
   model = models.create(config.model.name, data.num_classes, **_plain(config.model.kwargs))
   train_model = training_model(config.model.name, data.num_classes, _plain(config.model.kwargs))
   params = models.init_params(model, data.clients[0]["x"][:1],
@@ -361,12 +374,12 @@ def _read_config_json(path: str) -> Optional[dict]:
     with open(path) as f:
       cfg = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is not a readable JSON config ({e}); fix it or delete it "
-                     "(each checkpoint stores its own config, which is checked on resume)"
-                     ) from None
+    raise ConfigError(f"{path} is not a readable JSON config ({e}); fix it or delete it "
+                      "(each checkpoint stores its own config, which is checked on resume)"
+                      ) from None
   if not isinstance(cfg, dict):
-    raise ValueError(f"{path} holds {type(cfg).__name__}, not a config mapping; fix it or "
-                     "delete it")
+    raise ConfigError(f"{path} holds {type(cfg).__name__}, not a config mapping; fix it or "
+                      "delete it")
   return dict(OPTIONAL_FIELDS, **cfg)
 
 
@@ -382,7 +395,7 @@ def _write_json(path: str, obj: Any) -> None:
 def _check_no_legacy_checkpoints(ckpt_dir: str) -> None:
   if os.path.isdir(ckpt_dir) and any(n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))
                                      for n in os.listdir(ckpt_dir)):
-    raise ValueError(f"{ckpt_dir} holds orbax checkpoints of an older runner, which this "
+    raise WorkdirError(f"{ckpt_dir} holds orbax checkpoints of an older runner, which this "
                      "version does not resume; use a new workdir (or move ckpt/ away to "
                      "start this one over)")
 
@@ -402,7 +415,7 @@ def _newest_verified(ckpt: fcheckpoint.CheckpointManager) -> tuple[Optional[int]
       _note(f"resuming from the previous good checkpoint, round {step}")
     return step, meta
   if failed:
-    raise RuntimeError(f"no checkpoint under {ckpt.directory} passes verification (rounds "
+    raise WorkdirError(f"no checkpoint under {ckpt.directory} passes verification (rounds "
                        f"{sorted(failed)}); nothing was changed: move them away to start the "
                        "run over")
   return None, {}
@@ -425,7 +438,7 @@ def _reconcile_metrics(writer: MetricsWriter, start: int, saved_rows: Optional[l
   else:
     if saved_rows is None or len(saved_rows) != start:
       where = f"line {scan.bad.line}" if scan.bad else f"after line {len(scan.rows)}"
-      raise RuntimeError(
+      raise WorkdirError(
           f"{writer.path} holds {len(scan.rows)} good rows (problem at {where}"
           f"{': ' + problems[0] if problems else ''}) for the checkpoint of round {start}, "
           "and the checkpoint has no rows to recover them from; nothing was changed")
@@ -451,8 +464,9 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
   `callback(round, row)` is called after each row is written (e.g. for early stopping by
   raising); the experiment state is only ever checkpointed at completed rounds. `data`, if
   given, must be `make_dataset(config.dataset)` (loaded once by the caller). Raises
-  `ValueError` for a bad config or one that differs from the workdir's run, and
-  `experiments.common.checkpoint.WorkdirBusy` if another process is running in `workdir`.
+  `ConfigError` (a `ValueError`) for a bad config or one that differs from the workdir's
+  run, `WorkdirBusy` if another process is running in `workdir` and `WorkdirError` if the
+  workdir cannot be resumed safely (both before anything in it is changed).
   """
   config = validate_config(config)
   new_cfg = normalized_config(config)
@@ -473,13 +487,13 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
                         (config_path, stored_cfg if (start is not None or has_rows) else None)):
       changed = config_diff(old, new_cfg) if old is not None else []
       if changed:  # resuming would silently continue, or overwrite, a different experiment
-        raise ValueError(f"{workdir} holds a run with a different config ({source} differs in "
-                         f"{changed}); use a new workdir or delete this one (only `rounds` "
-                         "may change on resume)")
+        raise ConfigError(f"{workdir} holds a run with a different config ({source} differs in "
+                          f"{changed}); use a new workdir or delete this one (only `rounds` "
+                          "may change on resume)")
     start = start or 0
     if config.rounds < start:
-      raise ValueError(f"config.rounds={config.rounds} but {workdir} already holds "
-                       f"{start} completed rounds")
+      raise ConfigError(f"config.rounds={config.rounds} but {workdir} already holds "
+                        f"{start} completed rounds")
     exp = build_experiment(config, data)
     state = exp.state
     if start:
