@@ -166,7 +166,7 @@ def test_count_sketch_recovers_sparse_vector(seed, k):
   assert int(bits.count(p)) == 7 * 512 * 32
 
 
-def test_count_sketch_aggregate_unsketches_sum_of_sketches():
+def test_count_sketch_reduce_then_decode_unsketches_sum_of_sketches():
   c = compressors.count_sketch(3, 16, k=5)
   gs = [_tree(20 + i) for i in range(3)]
   keys = Keys(jax.random.key(1), jax.random.split(jax.random.key(2), 3))
@@ -174,7 +174,8 @@ def test_count_sketch_aggregate_unsketches_sum_of_sketches():
                           *[c.encode(g, None, Keys(keys.shared, keys.private[i]))[0]
                             for i, g in enumerate(gs)])
   w = jnp.array([0.2, 0.3, 0.5])
-  got = c.aggregate(payloads, w, keys, gs[0])
+  assert c.aggregate is None  # the server reduces, then decodes once (FetchSGD)
+  got, _ = c.decode(c.reduce(payloads, w), None, keys, gs[0])
   buckets, signs = (np.asarray(a) for a in _sketch._hashes(keys.shared, 3, 16, 46))
   total = sum(wi * ref.count_sketch(_flat(g), buckets, signs, 16) for wi, g in zip(
       np.asarray(w, np.float64), gs))

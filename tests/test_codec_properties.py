@@ -96,7 +96,7 @@ def test_template_and_keys_checks_reject_lax_codecs():
       jax.tree.map(lambda f: f.data, p, is_leaf=lambda x: hasattr(x, "width")), s))
   with pytest.raises(AssertionError, match="template"):
     testing.check_rejects_bad_template(testing.Harness(lax))
-  careless = c._replace(encode=lambda u, s, k, p=None: (c.encode(u, s, k)[0], k.shared and s))
+  careless = c._replace(encode=lambda u, s, k, p=None: (c.encode(u, s, k)[0], (k.shared, s)[1]))
   with pytest.raises(AssertionError, match="raised AttributeError"):
     testing.check_bad_keys(testing.Harness(careless))
 

@@ -45,14 +45,24 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
 
 
 def _gate(payload: Any, full: jax.Array) -> Any:
-  """Make every inner field variable-length: all its elements when `full`, none otherwise."""
+  """Make every inner field variable-length: all its elements when `full`, none otherwise.
+
+  Empty fields stay as they are (0 bits, no length header).
+  """
 
   def gate(f: Field) -> Field:
+    if not np.size(f.data):
+      return f
     n = f.data.size if f.count is None else f.count
     return f.replace(data=jnp.where(full, f.data, jnp.zeros_like(f.data)),
                      count=jnp.where(full, jnp.asarray(n, jnp.int32), jnp.int32(0)))
 
   return jax.tree.map(gate, payload, is_leaf=_bits.is_field)
+
+
+def _stack_flags(flags: list) -> jax.Array:
+  """`bool[units]` from per-unit flags (`bool[0]` for a model without units)."""
+  return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
 
 
 def projection(g: Any, b: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -188,7 +198,7 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
       lbgs.append(_select(full, g, state.lbg[i]))
       has.append(state.has_lbg[i] | full)
     return layout.stamp(tuple(msgs), updates), LBGMSenderState(
-        tuple(senders), tuple(mirrors), tuple(lbgs), jnp.stack(has))
+        tuple(senders), tuple(mirrors), tuple(lbgs), _stack_flags(has))
 
   def decode_fn(payload, state, keys, like):
     payload = layout.unstamp(payload, like)
@@ -215,7 +225,7 @@ def lbgm(inner: Compressor, threshold: Optional[float], *, per_tensor: bool = Tr
       receivers.append(_select(full, receiver, state.inner[i]))
       lbgs.append(_select(full, g, state.lbg[i]))
       has.append(state.has_lbg[i] | full)
-    return rebuild(like, outs), LBGMReceiverState(tuple(receivers), tuple(lbgs), jnp.stack(has))
+    return rebuild(like, outs), LBGMReceiverState(tuple(receivers), tuple(lbgs), _stack_flags(has))
 
   return Compressor(init_fn, encode_fn, decode_fn, None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -20,6 +21,21 @@ def _hashes(key: jax.Array, rows: int, cols: int, size: int) -> tuple[jax.Array,
   return buckets, signs
 
 
+def _pow2(j: jax.Array) -> jax.Array:
+  """Exact float32 `2^j` for an int32 `-126 <= j <= 127` (built from its exponent bits)."""
+  return jax.lax.bitcast_convert_type((j.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def _median_rows(x: jax.Array) -> jax.Array:
+  """Median over axis 0, the two middle values averaged as `a/2 + b/2` (no overflow)."""
+  r = x.shape[0]
+  if r == 1:
+    return x[0]
+  srt = jnp.sort(x, axis=0)  # NaN sorts last
+  mid = srt[r // 2]
+  return mid if r % 2 else srt[r // 2 - 1] * 0.5 + mid * 0.5
+
+
 def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor:
   """Count sketch of the raveled model (Charikar et al. 2002; FetchSGD, Rothchild et al. 2020).
 
@@ -35,7 +51,12 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
   unsketches that sum once, which differs from the weighted sum of per-client decodes
   because the median is nonlinear.
 
-  Bits: `32 * rows * cols` (hashes cost nothing: both ends derive them from the keys).
+  Bits: `32 * rows * cols` (hashes cost nothing: both ends derive them from the keys);
+  an empty model sends nothing (0 bits).
+
+  Finite inputs give a finite sketch: where `D max|g|` could exceed float32's range the
+  sum runs on `g 2^-j` (an exact power of two, `D max|g| 2^-j < 2^126`) and is scaled back,
+  saturating at float32's max; ordinary inputs use `j = 0`, the plain sum.
 
   Args:
     rows: number of independent hash rows (median over them).
@@ -58,18 +79,27 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
     k = checks.check_positive_int(k, "k")
 
   def _sketch(vec, key):
-    buckets, signs = _hashes(key, rows, cols, vec.shape[0])
+    size = vec.shape[0]
+    buckets, signs = _hashes(key, rows, cols, size)
+    v = vec.astype(jnp.float32)
+    m = jnp.max(jnp.abs(v))
+    # |sum| <= D m < 2^(log2 D + e) for m < 2^e: shift by j = max(0, e + ceil(log2 D) - 126).
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(m), m, 0.0))
+    j = jnp.clip(e + math.ceil(math.log2(size)) - 126, 0, 126)
     sketch = jnp.zeros((rows, cols), jnp.float32)
     row_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
-    return sketch.at[row_ids, buckets].add(signs * vec.astype(jnp.float32)[None, :])
+    sketch = sketch.at[row_ids, buckets].add(signs * (v * _pow2(-j))[None, :])
+    return checks.saturate(sketch * _pow2(j), jnp.isfinite(m))
 
   def _unsketch(sketch, key, like):
     size = like.shape[0]
+    if size == 0:
+      return jnp.zeros((0,), like.dtype)
     if k is not None and k > size:
       raise ValueError(f"k={k} exceeds the number of parameters {size}")
     buckets, signs = _hashes(key, rows, cols, size)
     row_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
-    est = jnp.median(signs * sketch[row_ids, buckets], axis=0)
+    est = _median_rows(signs * sketch[row_ids, buckets])
     if k is not None:
       _, idx = jax.lax.top_k(jnp.abs(est), k)
       est = jnp.zeros_like(est).at[idx].set(est[idx])
@@ -77,12 +107,21 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
 
   def encode_fn(vec, state, keys, params=None):
     del params
+    checks.check_keys(keys)
     checks.check_finite(vec)
+    if vec.shape[0] == 0:  # an empty model: nothing to send
+      return {}, state
     if k is not None and k > vec.shape[0]:
       raise ValueError(f"k={k} exceeds the number of parameters {vec.shape[0]}")
     return {"sketch": Field(_sketch(vec, keys.shared), 32)}, state
 
   def decode_fn(payload, state, keys, like):
+    checks.check_keys(keys)
+    if ("sketch" in payload) != (like.shape[0] > 0):
+      raise ValueError(f"decode: payload {'of' if 'sketch' in payload else 'without'} a sketch "
+                       f"for a template of {like.shape[0]} parameters")
+    if not payload:
+      return jnp.zeros((0,), like.dtype), state
     return _unsketch(payload["sketch"].data, keys.shared, like), state
 
   def reduce_fn(payloads, weights):
