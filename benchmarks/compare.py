@@ -117,6 +117,20 @@ def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[
              overrides=igc_over, note=f"d={d}, K=4 random, K-subspace downlink" + igc_note),
       Method("igc_time_varying", "intrinsic_time_varying", {"d": d}, overrides=igc_over,
              note=f"d={d}" + igc_note),
+      # the peers' compressors (issue 14)
+      Method("drive", "drive", {}, note="1 bit/coord, optimal scale, Hadamard blocks"),
+      Method("eden", "eden", {"bits": 2}, note="2 bits/coord, unbiased scale"),
+      Method("rotated_uniform", "rotated_uniform", {"levels": 16}, note="16 levels (FedJAX)"),
+      Method("terngrad", "terngrad", {}, note="2.5 sigma clip, 1.6 bits/elt"),
+      Method("natural_compression", "natural_compression", {}, note="9 bits/elt, unbiased"),
+      Method("natural_dithering", "natural_dithering", {"levels": 4, "bucket_size": 64},
+             note="s=4, bucket 64"),
+      Method("cast_bf16", "cast", {"dtype": "bfloat16"}, note="bf16 round to nearest"),
+      Method("threshold_ef", "threshold", {"tau": 0.02}, ef=True, note="|g| > 0.02 + EF"),
+      Method("dgc", "dgc", {"fraction": 0.1, "momentum": 0.9}, note="10%, momentum 0.9"),
+      Method("fetchsgd", "fetchsgd", {"rows": 3, "cols": sk, "k": sk, "momentum": 0.9},
+             note=f"3x{sk}, top-{sk}; server momentum/error need a round hook: memoryless "
+                  "here"),
   ]
 
 

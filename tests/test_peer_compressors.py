@@ -25,9 +25,10 @@ def _vec(n, seed=0, scale=1.0):
 
 
 def _roundtrip(c, g, keys=KEYS):
+  """One jitted message: `(payload, decoded)`."""
   sender, receiver = c.init(g)
-  p, _ = c.encode(g, sender, keys)
-  return p, c.decode(p, receiver, keys, g)[0]
+  p, _ = jax.jit(c.encode)(g, sender, keys)
+  return p, jax.jit(c.decode)(p, receiver, keys, g)[0]
 
 
 def _np_blocks(x, block):
@@ -133,8 +134,8 @@ def test_eden_one_bit_is_unbiased_drive_and_error_falls_with_bits():
   _, dr = _roundtrip(C.drive(scale="unbiased"), g)
   np.testing.assert_allclose(np.asarray(e1["w"]), np.asarray(dr["w"]), rtol=1e-5, atol=1e-6)
   errs = [float(jnp.sum((_roundtrip(C.eden(b, scale="mse"), g)[1]["w"] - g["w"]) ** 2))
-          for b in (1, 2, 4)]
-  assert errs[0] > errs[1] > errs[2]
+          for b in (1, 4)]
+  assert errs[0] > 10 * errs[1]  # 1 bit: ~0.36 ||x||^2; 4 bits: ~0.01 ||x||^2
 
 
 def _np_rotated_uniform(x, keys, block, levels):
@@ -173,7 +174,7 @@ def test_rotated_aggregate_sums_in_rotated_domain():
   ps, ds = zip(*[_roundtrip(c, g) for g in gs])
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *ps)
   keys = Keys(KEYS.shared, jnp.stack([KEYS.private] * 3))
-  got = c.aggregate(stacked, w, keys, gs[0])
+  got = jax.jit(c.aggregate)(stacked, w, keys, gs[0])
   ref = sum(float(wi) * np.asarray(d["w"], np.float64) for wi, d in zip(w, ds))
   np.testing.assert_allclose(np.asarray(got["w"]), ref, rtol=1e-4, atol=1e-5)
 
@@ -309,14 +310,15 @@ def test_dgc_matches_numpy_over_steps():
   n, frac, m = 50, 0.1, 0.9
   c = C.dgc(frac, momentum=m)
   sender, receiver = c.init({"w": jnp.zeros(n)})
+  encode, decode = jax.jit(c.encode), jax.jit(c.decode)
   u = np.zeros(n)
   v = np.zeros(n)
   k = math.ceil(frac * n)
   sent_total = np.zeros(n)
   for t in range(4):
     g = np.asarray(_vec(n, 20 + t), np.float64)
-    p, sender = c.encode({"w": jnp.asarray(g, jnp.float32)}, sender, KEYS)
-    d, _ = c.decode(p, receiver, KEYS, {"w": jnp.zeros(n)})
+    p, sender = encode({"w": jnp.asarray(g, jnp.float32)}, sender, KEYS)
+    d, _ = decode(p, receiver, KEYS, {"w": jnp.zeros(n)})
     u = m * u + g
     v = v + u
     idx = np.sort(np.argsort(-np.abs(v), kind="stable")[:k])
@@ -337,13 +339,14 @@ def test_dgc_without_masking_conserves_the_velocity():
   n = 40
   c = C.dgc(0.05, momentum=0.5, masking=False)
   sender, _ = c.init({"w": jnp.zeros(n)})
+  encode, decode = jax.jit(c.encode), jax.jit(c.decode)
   total_u = np.zeros(n)
   u = np.zeros(n)
   sent = np.zeros(n)
   for t in range(5):
     g = np.asarray(_vec(n, 40 + t), np.float64)
-    p, sender = c.encode({"w": jnp.asarray(g, jnp.float32)}, sender, KEYS)
-    sent += np.asarray(c.decode(p, None, KEYS, {"w": jnp.zeros(n)})[0]["w"])
+    p, sender = encode({"w": jnp.asarray(g, jnp.float32)}, sender, KEYS)
+    sent += np.asarray(decode(p, None, KEYS, {"w": jnp.zeros(n)})[0]["w"])
     u = 0.5 * u + g
     total_u += u
   np.testing.assert_allclose(sent + np.asarray(sender.accumulated), total_u, rtol=1e-4,
