@@ -37,6 +37,25 @@ def small_config(**over):
   return c
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _build_once():
+  """Each config is built (and its round compiled) once in this module: the runs compared
+  here share a program and differ in their workdirs."""
+  real, cache = runner.build_experiment, {}
+
+  def cached(config, data=None):
+    if data is not None:
+      return real(config, data)
+    cfg = runner.normalized_config(runner.validate_config(config))
+    key = json.dumps(dict(cfg, rounds=None), sort_keys=True)
+    if key not in cache:
+      cache[key] = real(config)
+    return cache[key]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(runner, "build_experiment", cached)
+    yield
+
+
 def params_bytes(state):
   return [np.asarray(x).tobytes() for x in jax.tree.leaves(state)]
 
@@ -140,6 +159,25 @@ def _cli(workdir, rounds):
       cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
 
 
+def _check_cli_rows(workdir):
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["round"] for r in rows] == [1, 2]
+  for r in rows:
+    assert isinstance(r["up_bits"], int) and isinstance(r["down_bits"], int)
+    assert r["up_bits"] > 0 and r["down_bits"] > 0 and r["clients"] == 10
+  assert rows[1]["cum_up_bits"] == rows[0]["up_bits"] + rows[1]["up_bits"]
+  assert json.load(open(workdir / "config.json"))["rounds"] == 2
+  return rows
+
+
+def test_cli_entry_point_writes_metrics(tmp_path):
+  """README's main command (`python -m experiments.run` on the quickstart config) runs."""
+  out = _cli(tmp_path / "run", 2)
+  assert "done: 2 rounds" in out.stdout
+  _check_cli_rows(tmp_path / "run")
+
+
+@pytest.mark.slow
 def test_cli_entry_point_writes_metrics_and_resumes(tmp_path):
   """The absl CLI runs the config's rounds; a second call on the workdir continues from the
   checkpoint (the first rounds' rows are kept, not recomputed)."""
@@ -147,13 +185,7 @@ def test_cli_entry_point_writes_metrics_and_resumes(tmp_path):
   out = _cli(workdir, 2)
   assert "done: 2 rounds" in out.stdout
   path = workdir / "metrics.jsonl"
-  rows = [json.loads(line) for line in open(path)]
-  assert [r["round"] for r in rows] == [1, 2]
-  for r in rows:
-    assert isinstance(r["up_bits"], int) and isinstance(r["down_bits"], int)
-    assert r["up_bits"] > 0 and r["down_bits"] > 0 and r["clients"] == 10
-  assert rows[1]["cum_up_bits"] == rows[0]["up_bits"] + rows[1]["up_bits"]
-  assert json.load(open(workdir / "config.json"))["rounds"] == 2
+  rows = _check_cli_rows(workdir)
   # Mark the stored rows: a run that redid rounds 1-2 would overwrite the marks.
   for r in rows:
     r["loss"] = -1.0
