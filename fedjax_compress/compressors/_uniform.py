@@ -34,7 +34,7 @@ F32_MAX = float(np.finfo(np.float32).max)
 class Plan(NamedTuple):
   """Static layout: leaves in wire order = [quantized leaves..., raw leaves...] (tree order)."""
 
-  order: tuple[int, ...]                  # tree-leaf index of each wire-order leaf
+  order: tuple[int, ...]                  # tree-leaf index of each wire-order (non-empty) leaf
   sizes: tuple[int, ...]                  # element count of each wire-order leaf
   num_quantized: int                      # the first `num_quantized` wire leaves are quantized
   segments: tuple[tuple[int, ...], ...]   # wire-order leaf indices of each level design
@@ -68,7 +68,7 @@ def make_plan(tree, *, min_layer_size: int, per_layer: bool, keep_fraction: Opti
   """The static `Plan` of `tree` (`keep_fraction=None`: keep every non-zero entry)."""
   sizes = [int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree)]
   quant = [i for i, n in enumerate(sizes) if n >= min_layer_size]
-  raw = [i for i, n in enumerate(sizes) if n < min_layer_size]
+  raw = [i for i, n in enumerate(sizes) if 0 < n < min_layer_size]   # empty leaves: not sent
   nq = len(quant)
   segments = tuple((j,) for j in range(nq)) if per_layer else ((tuple(range(nq)),) if nq else ())
   size = sum(sizes)
@@ -190,7 +190,7 @@ LevelsFn = Callable[[dict, int, jax.Array], jax.Array]
 
 def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
                  min_layer_size: int, per_layer: bool, design: DesignFn, levels: LevelsFn,
-                 dense: bool = False) -> Compressor:
+                 dense: bool = False, random: bool = False) -> Compressor:
   """Top-k (optional) + per-segment `bits`-bit scalar codes; small leaves sent raw as float32.
 
   Wire order: leaves with `>= min_layer_size` entries (tree order), then the others.
@@ -198,7 +198,9 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
   list of `ceil(log2 D)`-bit indices when shorter) of the kept non-zero entries, `codes` of
   the kept quantized entries, `design`'s side fields, `raw` float32 values of kept
   small-leaf entries. Dense: every entry is coded, one `codes` / `raw` field per leaf.
-  Each leaf is processed in place (no concatenation of the model into one vector).
+  Each leaf is processed in place (no concatenation of the model into one vector). Empty
+  leaves are not sent (0 bits) and decode to empty leaves. `random`: `design` uses its key
+  (`keys.private`, validated); otherwise `keys` is ignored.
   """
   frac = None if top_fraction is None else (top_fraction / bits if iso_bit else top_fraction)
 
@@ -208,11 +210,14 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
 
   def encode_fn(updates, state, keys, params=None):
     del params
+    if random:
+      checks.check_keys(keys)
     checks.check_finite(updates)
-    return layout.stamp(encode_core(updates, keys.private), updates), state
+    return layout.stamp(encode_core(updates, keys.private if random else None), updates), state
 
   @jax.jit  # one compilation per model structure; also makes eager use fast
   def encode_core(updates, key):
+    key = jax.random.key(0) if key is None else key   # unused by deterministic designs
     p = plan(updates)
     leaves = jax.tree.leaves(updates)
     xs = [jnp.ravel(leaves[i]).astype(jnp.float32) for i in p.order]
@@ -295,7 +300,7 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
       raws = ([f.data for f in payload["raw"]] if dense else gather(payload["raw"], kept[nq:]))
       for j, v in zip(range(nq, len(p.sizes)), raws):
         values[j] = v if dense else jnp.where(kept[j], v, 0.0)
-    out = [None] * len(leaves)
+    out = [jnp.zeros(np.shape(l), l.dtype) for l in leaves]   # empty leaves stay empty
     for j, i in enumerate(p.order):
       out[i] = cast_saturating(values[j].reshape(np.shape(leaves[i])), leaves[i].dtype)
     return jax.tree.unflatten(treedef, out)
@@ -327,7 +332,8 @@ def _uniform_design(num_levels: int, stochastic: bool) -> DesignFn:
       hi = jnp.max(jnp.stack([jnp.max(jnp.where(w > 0, v, -jnp.inf), initial=-jnp.inf)
                               for v, w in zip(xs, s.weights)]))
       ok = hi > lo
-      lo, hi = jnp.where(jnp.isfinite(lo), lo, 0.0), jnp.where(jnp.isfinite(hi), hi, 0.0)
+      none = sum(jnp.sum(w) for w in s.weights) == 0   # nothing coded: a (0, 0) range
+      lo, hi = jnp.where(none, 0.0, lo), jnp.where(none, 0.0, hi)  # NaN/Inf input propagates
       inv = (num_levels - 1) / jnp.where(ok, hi - lo, 1.0)
       seg_codes = []
       for v in xs:
@@ -402,4 +408,4 @@ def uniform(bits: int = 2, *, top_fraction: Optional[float] = None, iso_bit: boo
   return scalar_codec(bits=bits, top_fraction=top_fraction, iso_bit=bool(iso_bit),
                       min_layer_size=min_layer_size, per_layer=bool(per_layer),
                       design=_uniform_design(n, bool(stochastic)), levels=_uniform_levels(n),
-                      dense=top_fraction is None)
+                      dense=top_fraction is None, random=bool(stochastic))
