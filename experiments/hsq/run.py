@@ -45,6 +45,8 @@ def variants(sizes: Sequence[int]) -> list[Variant]:
           Variant("HSQ K=256 dc=16 (defaults)", "hsq", {}),
           Variant("HSQ K=256 dc=16 + EF", "hsq", {"error_feedback": True}),
           Variant("HSQ K=256 dc=16, all layers", "hsq", {"raw_layer_size": 0}),
+          Variant("HSQ K=256 dc=16, all layers + EF", "hsq",
+                  {"raw_layer_size": 0, "error_feedback": True}),
           Variant("HSQ K=256 dc=8", "hsq", {"chunk": 8}),
           Variant("QSGD 2-bit (s=1, bucket 128)", "qsgd", {"levels": 1, "bucket_size": 128}),
           Variant("signSGD (scaled) + EF", "sign_sgd", {"scaled": True}, ef=True),
