@@ -129,11 +129,26 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(ref, tmp_path,
   mpath = os.path.join(workdir, "metrics.jsonl")
   with open(mpath, "w") as f:
     f.writelines(line + "\n" for line in _lines(os.path.join(ref[0], "metrics.jsonl"))[:6])
+  damaged = open(path, "rb").read()
   rows = run_experiment(tiny_config(), workdir, progress=False)
   err = capfd.readouterr().err
   assert "skipping checkpoint of round 8" in err and "previous good checkpoint, round 6" in err
+  assert "checkpoint of round 8 (unverified) moved to " in err
   _assert_like_ref(workdir, rows, ref)
-  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["step_6.ckpt", "step_8.ckpt"]
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == [
+      "step_6.ckpt", "step_8.ckpt", "step_8.ckpt.corrupt"]
+  assert open(path + ".corrupt", "rb").read() == damaged  # kept as it was
+
+
+def test_extending_past_a_damaged_checkpoint_keeps_the_restored_one(ref, tmp_path):
+  """Rounds 1-9 after step 8 is damaged: the save of round 9 prunes below it, and must keep
+  the verified step 6 rather than count the damaged step 8 as the fallback."""
+  workdir = _copy(ref, tmp_path)
+  _flip(_ckpt(workdir, 8))
+  rows = run_experiment(tiny_config(rounds=ROUNDS + 1), workdir, progress=False)
+  assert rows[:ROUNDS] == ref[1] and len(rows) == ROUNDS + 1
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == [
+      "step_6.ckpt", "step_8.ckpt.corrupt", "step_9.ckpt"]
 
 
 def test_no_verified_checkpoint_stops_and_touches_nothing(ref, tmp_path):

@@ -10,10 +10,12 @@ an uninterrupted one. Safety rules:
   - Every config field is validated before anything is touched (`validate_config`).
   - One writer per workdir (`WorkdirLock`; a dead process's lock never blocks).
   - Each checkpoint stores, verified by its SHA-256, the config and the metric rows up to its
-    round. On restart the newest checkpoint that verifies is restored (newer corrupt or
-    truncated ones are reported on stderr and left in place, never deleted); a config that
-    differs from the checkpoint's, or from `config.json`, in any field but `rounds` is
-    refused, even when `config.json` is gone.
+    round. On restart the newest checkpoint that verifies is restored; newer corrupt or
+    truncated ones are reported on stderr and renamed `step_<n>.ckpt.corrupt` (never
+    deleted, and no longer counted among the `CKPT_KEEP` kept checkpoints, so pruning does
+    not remove the restored one in their favour). If none verifies, the run stops with
+    nothing changed. A config that differs from the checkpoint's, or from `config.json`, in
+    any field but `rounds` is refused, even when `config.json` is gone.
   - `metrics.jsonl` is reconciled with the checkpoint: rows after it are recomputed; missing
     or malformed rows up to it are restored from the checkpoint after a copy of the file is
     kept as `metrics.jsonl.bak[.n]`; a line is never dropped without such a copy unless it
@@ -400,8 +402,10 @@ def _check_no_legacy_checkpoints(ckpt_dir: str) -> None:
                      "start this one over)")
 
 
-def _newest_verified(ckpt: fcheckpoint.CheckpointManager) -> tuple[Optional[int], dict]:
-  """(step, metadata) of the newest checkpoint that verifies; failures reported on stderr."""
+def _newest_verified(ckpt: fcheckpoint.CheckpointManager
+                     ) -> tuple[Optional[int], dict, list[int]]:
+  """(step, metadata) of the newest checkpoint that verifies, and the newer steps that do
+  not (reported on stderr)."""
   steps = ckpt.steps()
   failed = []
   for step in reversed(steps):
@@ -409,16 +413,16 @@ def _newest_verified(ckpt: fcheckpoint.CheckpointManager) -> tuple[Optional[int]
       meta = fcheckpoint.read_metadata(ckpt.path(step))
     except fcheckpoint.CheckpointError as e:
       failed.append(step)
-      _note(f"skipping checkpoint of round {step}: {e}; it is left in place")
+      _note(f"skipping checkpoint of round {step}: {e}")
       continue
     if failed:
       _note(f"resuming from the previous good checkpoint, round {step}")
-    return step, meta
+    return step, meta, failed
   if failed:
     raise WorkdirError(f"no checkpoint under {ckpt.directory} passes verification (rounds "
                        f"{sorted(failed)}); nothing was changed: move them away to start the "
                        "run over")
-  return None, {}
+  return None, {}, []
 
 
 def _reconcile_metrics(writer: MetricsWriter, start: int, saved_rows: Optional[list],
@@ -481,7 +485,7 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
         os.remove(os.path.join(workdir, name))
     stored_cfg = _read_config_json(config_path)
     ckpt = fcheckpoint.CheckpointManager(ckpt_dir, keep=CKPT_KEEP)
-    start, meta = _newest_verified(ckpt)
+    start, meta, failed = _newest_verified(ckpt)
     has_rows = writer.scan().lines > 0
     for source, old in ((f"the checkpoint of round {start}", meta.get("config")),
                         (config_path, stored_cfg if (start is not None or has_rows) else None)):
@@ -498,6 +502,8 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
     state = exp.state
     if start:
       state = ckpt.restore(start, exp.state)
+    for step in failed:  # kept, but no longer counted as a fallback when older ones are pruned
+      _note(f"checkpoint of round {step} (unverified) moved to {ckpt.quarantine(step)}")
     rows = _reconcile_metrics(writer, start, meta.get("rows"),
                               same_config=bool(start) or stored_cfg is not None)
     _write_json(config_path, new_cfg)
