@@ -15,6 +15,8 @@ Public API:
   - Client samplers `uniform_sampler(n, c, *, replace=False, seed=0)`,
     `epoch_sampler(n, c, *, seed=0)`, `fixed_sampler(cohorts)`: `sampler(round) -> ids`,
     passed as `sample_cohort(..., sampler=...)`.
+  - `check_memory(fn, *args, limit_bytes=None)`: compile-time memory check (clear error
+    before any work), `estimate_memory`, `device_memory_limit`.
   - `client_mesh(num_devices=None) -> Mesh`, `shard_cohort(cohort, mesh)`,
     `shard_state(state, mesh)`.
 """
@@ -22,6 +24,9 @@ Public API:
 from fedjax_compress.federated._algorithms import (Algorithm, FedOptState, FedProxState,
                                                    fedadam, fedavgm, fedprox, fedyogi, mime,
                                                    mimelite, scaffold, scale_by_fedopt)
+from fedjax_compress.federated._memory import (InsufficientMemoryError, MemoryEstimate,
+                                               check_memory, device_memory_limit,
+                                               estimate_memory)
 from fedjax_compress.federated._round import (build_client_update, build_local_train,
                                               build_round, full_batch_grad)
 from fedjax_compress.federated._sampling import (EpochSampler, FixedSampler, UniformSampler,
@@ -35,4 +40,5 @@ __all__ = ["Cohort", "ServerState", "RoundMetrics", "init_server_state", "build_
            "shard_cohort", "shard_state", "uniform_sampler", "epoch_sampler", "fixed_sampler",
            "UniformSampler", "EpochSampler", "FixedSampler", "Algorithm", "fedprox",
            "FedProxState", "fedavgm", "fedadam", "fedyogi", "scale_by_fedopt", "FedOptState",
-           "scaffold", "mime", "mimelite", "full_batch_grad"]
+           "scaffold", "mime", "mimelite", "full_batch_grad", "check_memory", "estimate_memory",
+           "device_memory_limit", "MemoryEstimate", "InsufficientMemoryError"]
