@@ -201,7 +201,7 @@ def check_codec(h, transform: Optional[Callable] = None, steps: int = 2) -> None
 
 def check_payload_wire(h, payload: PyTree, receiver: Any = None, decoded: Any = None,
                        keys: Optional[Keys] = None) -> None:
-  """bits.count == wire.total_bits, len(pack) == ceil(bits/8), unpack round-trips.
+  """bits.count == wire.total_bits, len(raw body) == ceil(bits/8), unpack round-trips.
 
   With `receiver` and `decoded`, also checks that decoding the unpacked bytes (with the
   receiver state the message was decoded with) gives `decoded`: the payload is all
@@ -211,7 +211,8 @@ def check_payload_wire(h, payload: PyTree, receiver: Any = None, decoded: Any = 
   nbits = int(_bits.count(payload))
   assert nbits == wire.total_bits(payload), (nbits, wire.total_bits(payload))
   data = wire.pack(payload)
-  assert len(data) == math.ceil(nbits / 8), (len(data), nbits)
+  assert len(data) == wire.FRAME_BYTES + math.ceil(nbits / 8), (len(data), nbits)
+  assert len(wire.pack(payload, raw=True)) == math.ceil(nbits / 8), nbits
   back = wire.unpack(data, payload)
   assert wire.pack(back) == data
   for f, b in zip(_bits.fields(payload), _bits.fields(back)):
