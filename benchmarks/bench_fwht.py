@@ -10,6 +10,15 @@ FFHT transforms a NumPy array in place, so each method is also timed "donated" (
 `donate_argnums=0` on a fresh copy per call: in place where the method can alias its input,
 as the native kernel does), beside a donated memory pass.
 Targets (issue 3): GPU within 4x of one memory pass; CPU within 2x of FFHT.
+
+  python benchmarks/bench_fwht.py --igc 1M,10M,100M [--igc_d 10000] [--legacy]
+
+times one jitted IGC encode+decode (`decode(encode(g))` of a random D-vector, one pytree leaf)
+for static, K-subspace (K = 3, random schedule) and time-varying IGC with the default ('auto')
+maps, in units of one FWHT over the map's padded length (`[nb, L]` with the same method,
+issue 11.3 target: <= 8) and of one memory pass (`g + 1`), all measured in the same run;
+`--legacy` adds the exact global map (uniform permutation, threefry factors) for comparison
+("extra passes" = what regenerating the factors costs over the same codec with cached ones).
 """
 
 from __future__ import annotations
@@ -81,14 +90,57 @@ def _dao():
     return None
 
 
+def _size(text: str) -> int:
+  mult = {"K": 10**3, "M": 10**6, "G": 10**9}
+  return int(float(text[:-1]) * mult[text[-1].upper()]) if text[-1].upper() in mult else int(text)
+
+
+def igc_costs(sizes: list[int], d: int, reps: int, legacy: bool) -> None:
+  """IGC encode+decode in FWHT lengths and memory passes (see the module docstring)."""
+  from fedjax_compress import Keys, compressors as C  # pylint: disable=import-outside-toplevel
+  from fedjax_compress.ops import _fastfood  # pylint: disable=import-outside-toplevel
+  keys = Keys(jax.random.key(1), jax.random.key(2))
+  print("| D | codec | map | ms | FWHT lengths | memory passes |")
+  print("|---|---|---|---|---|---|")
+  for num in sizes:
+    g = {"w": 1e-2 * jax.random.normal(jax.random.key(0), (num,), jnp.float32)}
+    rows, big_l, _, _ = _fastfood.resolve(d, num, "auto", "auto", "auto")
+    x = jnp.zeros((-(-num // rows), big_l), jnp.float32)
+    t_fwht = _time(jax.jit(ops.fwht), x, reps)
+    t_pass = _time(jax.jit(lambda t: jax.tree.map(lambda v: v + 1.0, t)), g, reps)
+    codecs = [("static", "auto", lambda **kw: C.intrinsic_static(d, seed=0, **kw)),
+              ("k_subspace K=3", "auto", lambda **kw: C.intrinsic_k_subspace(d, 3, seed=0, **kw)),
+              ("time_varying", "auto", lambda **kw: C.intrinsic_time_varying(d, **kw))]
+    if legacy:
+      old = dict(block_rows=None, permutation="uniform", generator="threefry")
+      codecs += [("static", "global uniform", lambda **kw: C.intrinsic_static(d, seed=0, **old)),
+                 ("time_varying", "global uniform",
+                  lambda **kw: C.intrinsic_time_varying(d, **old))]
+    for name, kind, make in codecs:
+      c = make()
+      s, r = c.init(g)
+      f = jax.jit(lambda g, s=s, r=r, c=c: c.decode(c.encode(g, s, keys)[0], r, keys, g)[0])
+      t = _time(f, g, reps)
+      print(f"| {num:,} | {name} | {kind} | {t * 1e3:.1f} | {t / t_fwht:.1f} | "
+            f"{t / t_pass:.1f} |", flush=True)
+    print(f"(D = {num:,}: one FWHT of [{x.shape[0]}, {big_l}] {t_fwht * 1e3:.1f} ms, one memory "
+          f"pass {t_pass * 1e3:.2f} ms)", flush=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
+  parser.add_argument("--igc", default="", help="sizes for the IGC codec costs (e.g. 1M,10M)")
+  parser.add_argument("--igc_d", type=int, default=10_000)
+  parser.add_argument("--legacy", action="store_true", help="--igc: also the exact global map")
   parser.add_argument("--log2n", default="20,24")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--methods", default="auto,butterfly,kron,pallas,native")
   parser.add_argument("--fastfood_d", type=int, default=1024,
                       help="also time IGC's V^T g at D = n (0: skip)")
   args = parser.parse_args()
+  if args.igc:
+    igc_costs([_size(t) for t in args.igc.split(",")], args.igc_d, args.reps, args.legacy)
+    return
   backend = jax.default_backend()
   print(f"backend={backend} devices={jax.devices()} default_method={ops.default_method()}")
   ffht, dao = _ffht(), _dao()

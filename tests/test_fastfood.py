@@ -155,6 +155,80 @@ class FastfoodTest(parameterized.TestCase):
     assert abs(a / (d / D) - 1) < 0.05, a
     assert np.linalg.norm(mu - a * gg) < 0.35 * np.linalg.norm(a * gg)
 
+  # --- hashed factors + Feistel permutation (the 'auto' map of large models) ---
+
+  @parameterized.parameters((3, 8, None), (7, 50, 16), (9, 9, 4), (20, 70, 32))
+  def test_hashed_map_matches_dense_float64(self, d, D, rows):
+    p = ops.fastfood_params(jax.random.key(d + D), d, D, block_rows=rows, permutation="feistel",
+                            generator="hash")
+    assert p.signs_table is None and p.gauss_table is None and p.perm_table is None
+    dense = _dense(p)  # built from the regenerated factors (signs, perm, gauss properties)
+    signs = np.asarray(p.signs)
+    assert set(np.unique(signs)) <= {-1.0, 1.0}
+    for row in np.asarray(p.perm):
+      np.testing.assert_array_equal(np.sort(row), np.arange(p.L))
+    np.testing.assert_allclose(_jac(p), dense, atol=2e-6)
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal(D)
+    np.testing.assert_allclose(ops.fastfood_transpose(p, jnp.asarray(y, jnp.float32)),
+                               dense.T @ y, atol=1e-5 * np.linalg.norm(dense.T @ y))
+    _check_adjoint(d, D, rows)
+
+  def test_hashed_normals_and_signs_are_standard(self):
+    """Hashed G ~ N(0, 1) (moments, tails) and B ~ Rademacher, independent across blocks."""
+    p = ops.fastfood_params(0, 8, 1 << 18, block_rows=1 << 16, permutation="feistel",
+                            generator="hash")
+    g, b = np.asarray(p.gauss, np.float64), np.asarray(p.signs, np.float64)
+    assert g.shape == (4, 1 << 16) and np.all(np.isfinite(g))
+    x = g.ravel()
+    assert abs(x.mean()) < 0.01 and abs(x.var() - 1) < 0.01
+    assert abs(np.mean(x ** 3)) < 0.03 and abs(np.mean(x ** 4) - 3) < 0.06
+    assert abs(np.mean(np.abs(x) > 1.96) - 0.05) < 0.003
+    assert abs(b.mean()) < 0.01
+    assert abs(np.corrcoef(g[0], g[1])[0, 1]) < 0.02 and abs(np.mean(b[0] * b[1])) < 0.02
+
+  @parameterized.parameters((64, 1025, 256), (100, 5000, 1024))
+  def test_hashed_map_near_orthonormal(self, d, D, rows):
+    p = ops.fastfood_params(jax.random.key(d), d, D, block_rows=rows, permutation="feistel",
+                            generator="hash")
+    gram = _jac(p).T @ _jac(p)
+    norms = np.diag(gram)
+    assert norms.min() >= 0.9 and norms.max() <= 1.1, (norms.min(), norms.max())
+    assert np.abs(gram - np.diag(norms)).max() <= 6 / np.sqrt(D)
+
+  def test_hashed_map_statistics(self):
+    d, D, m = 32, 500, 400
+    g = jnp.asarray(np.random.default_rng(0).standard_normal(D), jnp.float32)
+
+    def vvt(key):
+      p = ops.fastfood_params(key, d, D, block_rows=128, permutation="feistel", generator="hash")
+      return ops.fastfood_project(p, ops.fastfood_transpose(p, g))
+
+    mu = np.asarray(jax.jit(jax.vmap(vvt))(jax.random.split(jax.random.key(2), m)).mean(0),
+                    np.float64)
+    gg = np.asarray(g, np.float64)
+    a = mu @ gg / (gg @ gg)
+    assert abs(a / (d / D) - 1) < 0.05, a
+    assert np.linalg.norm(mu - a * gg) < 0.35 * np.linalg.norm(a * gg)
+
+  def test_auto_map_of_a_large_model(self):
+    """'auto': the exact global map up to 2^16, blocked + Feistel + hashed above, still
+    near-orthonormal (spec 1.6.3 bounds) at D = 70,000."""
+    small = ops.fastfood_params(0, 10, 1 << 16)
+    assert (small.num_blocks, small.permutation, small.generator) == (1, "uniform", "threefry")
+    d, D = 48, 70_000
+    p = ops.fastfood_params(jax.random.key(3), d, D)
+    assert (p.block_rows, p.L, p.num_blocks) == (1 << 16, 1 << 16, 2)
+    assert (p.permutation, p.generator) == ("feistel", "hash")
+    v = _jac(p)
+    gram = v.T @ v
+    norms = np.diag(gram)
+    assert norms.min() >= 0.9 and norms.max() <= 1.1, (norms.min(), norms.max())
+    assert np.abs(gram - np.diag(norms)).max() <= 6 / np.sqrt(D)
+    _check_adjoint(d, D, "auto")
+    # blocks are as wide as next_pow2(d) when d exceeds the default block
+    assert ops.fastfood_params(0, 70_000, 200_000).block_rows == 1 << 17
+
   def test_determinism_and_key_dependence(self):
     d, D = 10, 300
     z = jnp.asarray(np.random.default_rng(0).standard_normal(d), jnp.float32)
@@ -207,6 +281,19 @@ class FastfoodTest(parameterized.TestCase):
                                atol=1e-5)
     g = jax.grad(lambda z: jnp.vdot(ops.fastfood_project(p, z), y))(jnp.zeros(20))
     np.testing.assert_allclose(g, ops.fastfood_transpose(q, y), atol=1e-5)
+
+  def test_pallas_blocked_map_with_three_blocks(self):
+    """3 blocks of 4096 reach the Pallas FWHT as 3 rows (issue 12.1: NaN before the fix)."""
+    z = jnp.asarray(np.random.default_rng(0).standard_normal(16), jnp.float32)
+    y = jnp.asarray(np.random.default_rng(1).standard_normal(3 * 4096), jnp.float32)
+    kw = dict(block_rows=4096, permutation="feistel", generator="hash")
+    p = ops.fastfood_params(2, 16, 3 * 4096, method="pallas", **kw)
+    q = ops.fastfood_params(2, 16, 3 * 4096, method="butterfly", **kw)
+    got, want = ops.fastfood_project(p, z), ops.fastfood_project(q, z)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(ops.fastfood_transpose(p, y), ops.fastfood_transpose(q, y),
+                               rtol=1e-5, atol=1e-4)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,14 @@ def _signs(p: FastfoodParams, n: int) -> jax.Array:
   return 1.0 - 2.0 * (h >> 31).astype(jnp.float32)
 
 
+def _hashed_gauss(words: jax.Array, i: jax.Array) -> jax.Array:
+  """Hashed normals `G[b, i]` for uint32 indices `i`: f32[nb, len(i)] (`words`: uint32[nb, 2])."""
+  h = jax.vmap(lambda w: _keyed_hash(i, w))(words)
+  # u = (m + 1/2) 2^-24 with m the top 24 bits; 2u - 1 = (2m + 1 - 2^24) 2^-24 exactly.
+  t = ((h >> 8).astype(jnp.int32) * 2 + (1 - (1 << 24))).astype(jnp.float32) * (2.0 ** -24)
+  return jnp.float32(np.sqrt(2.0)) * jax.lax.erf_inv(t)
+
+
 def _gauss(p: FastfoodParams) -> jax.Array:
   """`G`: f32[nb, L] (ones when `gaussian=False`)."""
   if p.gauss_table is not None:
@@ -209,11 +217,28 @@ def _gauss(p: FastfoodParams) -> jax.Array:
   if not p.gaussian:
     return jnp.ones((p.num_blocks, p.L), jnp.float32)
   _, _, kg = _sub_keys(p)
-  i = jnp.arange(p.L, dtype=jnp.uint32)
-  h = jax.vmap(lambda w: _keyed_hash(i, w))(_hash_words(kg))
-  # u = (m + 1/2) 2^-24 with m the top 24 bits; 2u - 1 = (2m + 1 - 2^24) 2^-24 exactly.
-  t = ((h >> 8).astype(jnp.int32) * 2 + (1 - (1 << 24))).astype(jnp.float32) * (2.0 ** -24)
-  return jnp.float32(np.sqrt(2.0)) * jax.lax.erf_inv(t)
+  return _hashed_gauss(_hash_words(kg), jnp.arange(p.L, dtype=jnp.uint32))
+
+
+_NORM_CHUNK = 1 << 12
+
+
+def _gauss_sq_norms(p: FastfoodParams) -> jax.Array:
+  """`||G_b||^2` per block: f32[nb]. Hashed normals are summed `_NORM_CHUNK` indices at a
+  time (`lax.scan`), so no `[nb, L]` buffer is made (XLA:CPU does not fuse the normals into
+  the reduction)."""
+  if p.gauss_table is not None or not p.gaussian or p.L <= _NORM_CHUNK:
+    return jnp.sum(jnp.square(_gauss(p)), axis=-1)
+  _, _, kg = _sub_keys(p)
+  words = _hash_words(kg)
+  base = jnp.arange(_NORM_CHUNK, dtype=jnp.uint32)
+
+  def step(acc, j):
+    g = _hashed_gauss(words, base + j * jnp.uint32(_NORM_CHUNK))
+    return acc + jnp.sum(jnp.square(g), axis=-1), None
+
+  starts = jnp.arange(p.L // _NORM_CHUNK, dtype=jnp.uint32)
+  return jax.lax.scan(step, jnp.zeros((p.num_blocks,), jnp.float32), starts)[0]
 
 
 def _perm(p: FastfoodParams) -> jax.Array:
@@ -304,7 +329,7 @@ def _make_params(key, d, D, rows, L, method, permutation, generator, gaussian): 
     p = p.replace(signs_table=jax.vmap(lambda k: jax.random.rademacher(k, (L,), jnp.float32))(kb))
     if gaussian:
       p = p.replace(gauss_table=jax.vmap(lambda k: jax.random.normal(k, (L,), jnp.float32))(kg))
-  sq = jnp.sum(jnp.square(_gauss(p)), axis=-1)
+  sq = _gauss_sq_norms(p)
   scale = jax.lax.rsqrt(jnp.float32(L) * sq) * jnp.float32(np.sqrt(L / D))
   return p.replace(scale=scale)
 
