@@ -7,8 +7,9 @@ from fedjax_compress.compressors._igc import (IgcState, SubspaceCoords, intrinsi
                                               intrinsic_k_subspace,
                                               intrinsic_k_subspace_downlink,
                                               intrinsic_static, intrinsic_static_downlink,
-                                              intrinsic_time_varying,
-                                              subspace_loss, subspace_reparam)
+                                              intrinsic_time_varying, SubspaceOptState,
+                                              subspace_client_tx, subspace_loss,
+                                              subspace_reparam, subspace_server_tx)
 from fedjax_compress.compressors._laq import laq, slaq
 from fedjax_compress.compressors._lbgm import lbgm
 from fedjax_compress.compressors._m22 import PerBitAccuracy, m22, per_bit_accuracy
@@ -27,6 +28,7 @@ __all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "count_sketch", 
            "intrinsic_static", "intrinsic_k_subspace", "intrinsic_time_varying",
            "intrinsic_static_downlink", "intrinsic_k_subspace_downlink", "SubspaceCoords",
            "intrinsic_downlink_bits", "subspace_reparam", "subspace_loss", "IgcState",
+           "subspace_server_tx", "subspace_client_tx", "SubspaceOptState",
            # the peers' compressors (issue 14)
            "drive", "eden", "rotated_uniform", "terngrad", "natural_compression",
            "natural_dithering", "cast", "threshold", "dgc", "DgcState", "fetchsgd",
