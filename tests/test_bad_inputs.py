@@ -202,3 +202,61 @@ def test_round_ids_checks_stateless_and_jit():
                                      (3_210_000_000, "3.21 Gbit")])
 def test_progress_bits_are_readable_for_small_runs(n, text):
   assert format_bits(n) == text
+
+
+# ------------------------------------------------------------------ factories and keys (issue 13)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: compressors.qsgd(levels=2**31), "levels must be <= 2\\*\\*23"),
+    (lambda: compressors.qsgd(levels=4.0), "levels must be a positive integer"),
+    (lambda: compressors.lbgm(None, 0.3), "lbgm: inner must be a Compressor, got NoneType"),
+    (lambda: error_feedback(None), "error_feedback: inner must be a Compressor"),
+    (lambda: error_feedback(compressors.top_k), "a factory: call it"),
+    (lambda: flattened(compressors.qsgd), "flattened: inner must be a Compressor"),
+    (lambda: compressors.count_sketch(0, 4), "rows must be >= 1"),
+    (lambda: compressors.power_sgd(2.5), "rank"),
+    (lambda: compressors.random_k(fraction=0.0), "fraction must be in \\(0, 1\\]"),
+    (lambda: compressors.sign_sgd(scaled="yes"), "scaled must be a bool"),
+])
+def test_factories_reject_bad_arguments_naming_them(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+@pytest.mark.parametrize("keys", [None, (jax.random.key(0), jax.random.key(1)), Keys(0, 1)])
+@pytest.mark.parametrize("name", ["random_k", "random_k_shared", "qsgd", "count_sketch",
+                                  "lbgm_random_k"])
+def test_randomized_codecs_reject_malformed_keys(name, keys):
+  c = {**CODECS, "lbgm_random_k": lambda: compressors.lbgm(compressors.random_k(3), 0.3)}[name]()
+  s, r = c.init(_g())
+  p, _ = c.encode(_g(), s, KEYS)
+  with pytest.raises(ValueError, match="keys"):
+    c.encode(_g(), s, keys)
+  if name != "qsgd":  # qsgd decodes without randomness
+    with pytest.raises(ValueError, match="keys"):
+      c.decode(p, r, keys, _g())
+
+
+def test_laq_decode_rejects_transposed_template():
+  c = compressors.laq(4, step_size=0.1)
+  g = {"w": jnp.arange(6.0).reshape(2, 3)}
+  s, r = c.init(g)
+  p, _ = c.encode(g, s, KEYS)
+  assert c.decode(p, r, KEYS, g)[0]["w"].shape == (2, 3)
+  with pytest.raises(ValueError, match=r"expected \(2, 3\), got \(3, 2\)"):
+    c.decode(p, r, KEYS, {"w": jnp.zeros((3, 2))})
+
+
+@pytest.mark.parametrize("name", ["top_k", "top_k_fraction", "random_k", "lbgm_top_k",
+                                  "sign_sgd", "sign_scaled", "qsgd", "count_sketch"])
+def test_empty_leaves_cost_nothing_and_decode_empty(name):
+  make = {**CODECS, "sign_scaled": lambda: compressors.sign_sgd(scaled=True)}[name]
+  c = make()
+  for g in ({"e": jnp.zeros((0,))}, {}, {"e": jnp.zeros((0, 3)), "f": jnp.zeros((0,))}):
+    s, r = c.init(g)
+    p, _ = c.encode(g, s, KEYS)
+    assert int(bits.count(p)) == 0 == wire.total_bits(p)
+    assert all(bool(jnp.all(jnp.isfinite(f.data))) for f in bits.fields(p))  # no NaN scale
+    out, _ = c.decode(p, r, KEYS, g)
+    assert jax.tree.map(jnp.shape, out) == jax.tree.map(jnp.shape, g)
