@@ -96,6 +96,12 @@ def _lazy(bits: int, step_size: float, ck: float, memory: int, t_bar: int,
       diffs = jnp.where(state.seen, jnp.concatenate([new[None], state.diffs[:-1]]), state.diffs)
       num = jnp.where(state.seen, jnp.minimum(state.num_diffs + 1, memory), state.num_diffs)
       prev, seen = params, jnp.asarray(True)
+    # SLAQ (fixed_weight) in rounds 1-9 - our choice, verified against the official SLAQ.py
+    # (`for d in range(1, D): if k - d >= 0: me += ksi[d, k] * |dtheta[:, k-d]|^2`, buffer
+    # shifted left with the newest difference in slot D-1): we weight the `num` differences
+    # seen so far by ck/(D+1) (missing history = 0); SLAQ.py weights by ck/k and reads slots
+    # k-1..0, i.e. only unfilled zeros in rounds 1-5 and the 2k-10 oldest differences in 6-9.
+    # From round 10 on both give ck/10 times the 9 newest differences (see `slaq`).
     weight = (ck / jnp.maximum(num, 1) if fixed_weight is None else fixed_weight)
     rhs = weight * jnp.sum(diffs) / step_size**2
     radius, q, big_q, eps = quantize_innovation(g, state.qhat, bits)
