@@ -90,6 +90,15 @@ class Bits:
   def __getitem__(self, index) -> "Bits":
     return Bits(self.hi[index], self.lo[index])
 
+  def __len__(self) -> int:
+    if not self.shape:
+      raise TypeError("len() of a scalar Bits")
+    return self.shape[0]
+
+  def __iter__(self):
+    # Explicit: jax indexing clamps out-of-range ints, so `__getitem__` alone never stops.
+    return (self[i] for i in range(len(self)))
+
   def value(self) -> np.ndarray:
     """Host-side int64 array of the counts (needs concrete limbs)."""
     hi = np.asarray(jax.device_get(self.hi), np.int64)
