@@ -22,6 +22,13 @@
 7. Scatter states back by id, only for clients with weight > 0 and a finite update (padding
    ids are routed out of bounds and dropped, so they never clobber real states).
 
+With `algorithm=` (SCAFFOLD, Mime, MimeLite; `federated._algorithms`) the round adds the
+algorithm's broadcast, an optional first phase in which clients send `grad f_i(x)` (Mime), a
+gradient correction inside the local steps, an optional extra message after training
+(SCAFFOLD's `delta c_i`) and the algorithm's client/server state updates; its per-client
+state is gathered and scattered per chunk like the compressor states (step 7), and every
+extra message is billed. Without it the round is FedAvg/FedOpt exactly as above.
+
 Keys: everything derives from `fold_in` chains of `(seed_key, state.round, client id)`, so a
 round is deterministic under partial participation and after a resume.
 """
