@@ -112,6 +112,17 @@ def test_tiny_cnn_experiment_bits_and_learning(tmp_path):
   assert curves[topk]["up_bits"] == [
       CLIENTS * sum(k * (32 + bits.index_bits(n)) for k, n in zip(ks, sizes))] * ROUNDS
 
+  # the official "# params shared" (floats) beside the bits: values sent, indices not counted
+  assert curves["FedSGD"]["floats"] == curves["signSGD (scaled)"]["floats"] == [CLIENTS * d] * ROUNDS
+  assert curves[topk]["floats"] == [CLIENTS * sum(ks)] * ROUNDS
+  for name in ("LBGM d=0.5", "signSGD + LBGM d=0.4", "EF(top-10% + LBGM d=0.4)"):
+    base = curves[by[name]["base"]]["floats"]
+    assert curves[name]["floats"][0] == base[0]          # round 1: every tensor full
+    assert all(t <= b for t, b in zip(curves[name]["floats"], base))
+    assert all(f >= CLIENTS * t for f in curves[name]["floats"])  # >= 1 float per tensor
+    assert by[name]["floats_shared"] == sum(curves[name]["floats"])
+  assert by["LBGM d=0.5"]["floats_shared"] < by["FedSGD"]["floats_shared"]
+
   # threshold 0 never recycles: exactly FedSGD (bits, accuracy and loss curves)
   assert curves["LBGM d=0"] == curves["FedSGD"] and by["LBGM d=0"]["overhead_bits"] == 0
 
