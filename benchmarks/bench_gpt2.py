@@ -89,6 +89,19 @@ def run_one(a) -> dict:
           "down_bits_round": int(sum(downs[-1])), "loss": losses}
 
 
+def _without_configs(argv: list[str]) -> list[str]:
+  """`argv` less `--configs X` / `--configs=X` (the parent's selection)."""
+  out, skip = [], False
+  for x in argv:
+    if skip:
+      skip = False
+    elif x == "--configs":
+      skip = True
+    elif not x.startswith("--configs="):
+      out.append(x)
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--configs", default=",".join(CONFIGS))
@@ -111,8 +124,8 @@ def main():
     print(json.dumps(run_one(a)), flush=True)
     return
   for name in a.configs.split(","):
-    args = [sys.executable, os.path.abspath(__file__), "--config", name] + [
-        x for x in sys.argv[1:] if not x.startswith("--configs")]
+    args = [sys.executable, os.path.abspath(__file__), "--config", name] + _without_configs(
+        sys.argv[1:])
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=a.timeout)
     rows = [l for l in out.stdout.splitlines() if l.startswith("{")]

@@ -353,3 +353,22 @@ def test_conv_rewrite_is_transparent_in_the_round():
   with pytest.raises(ValueError, match="conv_impl"):
     federated.build_round(loss, optax.sgd(0.1), optax.sgd(1.0), compressors.identity(),
                           local_steps=1, conv_impl="fast")
+
+
+def test_state_with_downlink_can_be_donated():
+  """`init_server_state` never hands the same buffer to two leaves (params is also broadcast)."""
+  loss = lambda p, b, m, k: jnp.sum(m * (b["x"] @ p["w"] - b["y"]) ** 2) / jnp.sum(m)
+  params = {"w": jnp.ones(8)}
+  down = compressors.qsgd(4)
+  st = federated.init_server_state(params, optax.sgd(1.0), compressors.identity(),
+                                   num_clients=2, downlink=down)
+  leaves = [x for x in jax.tree.leaves(st) if isinstance(x, jax.Array)]
+  assert len({id(x) for x in leaves}) == len(leaves)
+  rnd = jax.jit(federated.build_round(loss, optax.sgd(0.1), optax.sgd(1.0),
+                                      compressors.identity(), local_steps=1, downlink=down),
+                donate_argnums=0)
+  cohort = federated.Cohort(ids=jnp.arange(2), weight=jnp.ones(2),
+                            batches={"x": jnp.ones((2, 1, 3, 8)), "y": jnp.ones((2, 1, 3))},
+                            mask=jnp.ones((2, 1, 3), bool))
+  st, m = rnd(st, cohort, jax.random.key(0))
+  assert int(st.round) == 1 and np.all(np.isfinite(np.asarray(st.params["w"])))

@@ -130,4 +130,19 @@ def init_server_state(params: Any, server_tx: optax.GradientTransformation,
     d_send, d_recv = downlink.init(params)
     state = state.replace(broadcast=jax.tree.map(jnp.asarray, params),
                           down_sender=d_send, down_receiver=d_recv)
-  return state
+  return _unaliased(state)
+
+
+def _unaliased(tree: Any) -> Any:
+  """`tree` with every repeated array object copied, so `jit(..., donate_argnums=0)` of a
+  round can donate the state (XLA refuses to donate one buffer twice, e.g. `params` that is
+  also the initial `broadcast` or a compressor state)."""
+  seen: set[int] = set()
+
+  def fresh(x):
+    if isinstance(x, jax.Array) and id(x) in seen:
+      return jnp.array(x, copy=True)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(fresh, tree)
