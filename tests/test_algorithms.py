@@ -212,8 +212,8 @@ def test_scaffold_matches_reference(option):
 
 
 def test_scaffold_is_chunk_size_invariant():
-  outs = [run(optax.sgd(LR), optax.sgd(LR_G), federated.scaffold(LR), chunk=k)
-          for k in (1, 2, "all")]
+  outs = [run(optax.sgd(LR), optax.sgd(LR_G), federated.scaffold(LR), chunk=k,
+              cos=cohorts(rounds=2)) for k in (1, 2, "all")]
   for st, ms in outs[1:]:
     for a, b in zip(jax.tree.leaves((st.params, st.alg_server, st.alg_clients)),
                     jax.tree.leaves((outs[0][0].params, outs[0][0].alg_server,
@@ -289,8 +289,8 @@ def test_mime_matches_reference(lite):
 
 def test_mime_chunk_size_invariant_with_compressed_gradient():
   alg = federated.mime(compressor=compressors.qsgd(levels=8))
-  a, ma = run(optax.sgd(LR), optax.sgd(LR_G), alg, chunk=1)
-  b, mb = run(optax.sgd(LR), optax.sgd(LR_G), alg, chunk="all")
+  a, ma = run(optax.sgd(LR), optax.sgd(LR_G), alg, chunk=1, cos=cohorts(rounds=2))
+  b, mb = run(optax.sgd(LR), optax.sgd(LR_G), alg, chunk="all", cos=cohorts(rounds=2))
   for x, y in zip(jax.tree.leaves((a.params, a.alg_server)),
                   jax.tree.leaves((b.params, b.alg_server))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
@@ -318,3 +318,41 @@ def test_algorithm_validation():
                                    num_clients=N)
   with pytest.raises(ValueError, match="init_server_state"):
     rnd(st, cohorts(rounds=1)[0], jax.random.key(0))
+
+
+def test_scaffold_sharded_equals_unsharded():
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices")
+  mesh = federated.client_mesh(2)
+  alg = federated.scaffold(LR)
+  up = compressors.identity()
+  rnd = jax.jit(federated.build_round(loss_fn, optax.sgd(LR), optax.sgd(LR_G), up,
+                                      local_steps=STEPS, clients_per_chunk="all", algorithm=alg))
+  st = federated.shard_state(federated.init_server_state(
+      params0(), optax.sgd(LR_G), up, num_clients=N, algorithm=alg), mesh)
+  assert st.alg_clients["state"]["w"].sharding.spec == jax.sharding.PartitionSpec("clients")
+  for co in cohorts():
+    st, _ = rnd(st, federated.shard_cohort(co, mesh), jax.random.key(3))
+  ref, _ = run(optax.sgd(LR), optax.sgd(LR_G), alg)
+  for a, b in zip(jax.tree.leaves((st.params, st.alg_server, st.alg_clients)),
+                  jax.tree.leaves((ref.params, ref.alg_server, ref.alg_clients))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_scaffold_state_checkpoint_round_trip_then_resume(tmp_path):
+  from fedjax_compress import checkpoint  # pylint: disable=import-outside-toplevel
+  alg = federated.scaffold(LR)
+  st, _ = run(optax.sgd(LR), optax.sgd(LR_G), alg, cos=cohorts()[:2])
+  checkpoint.save(str(tmp_path / "s"), st, step=2)
+  like = federated.init_server_state(params0(), optax.sgd(LR_G), compressors.identity(),
+                                     num_clients=N, algorithm=alg)
+  got = checkpoint.restore(str(tmp_path / "s"), like)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(st)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rnd = jax.jit(federated.build_round(loss_fn, optax.sgd(LR), optax.sgd(LR_G),
+                                      compressors.identity(), local_steps=STEPS,
+                                      clients_per_chunk="all", algorithm=alg))
+  got, _ = rnd(got, cohorts()[2], jax.random.key(3))
+  z, c, _ = np_scaffold(2)
+  assert_close(z_of(got.params), z)
+  assert_close(flat(got.alg_server), c)
