@@ -69,9 +69,21 @@ def sketch(vec: jax.Array, buckets: jax.Array, signs: jax.Array, cols: int) -> j
 
 
 def unsketch(table: jax.Array, buckets: jax.Array, signs: jax.Array) -> jax.Array:
-  """Median estimate `g_i ~ median_r s_r(i) S[r, h_r(i)]` of every coordinate."""
-  rid = jnp.arange(table.shape[0], dtype=jnp.int32)[:, None]
-  return jnp.median(signs * table[rid, buckets], axis=0)
+  """Median estimate `g_i ~ median_r s_r(i) S[r, h_r(i)]` of every coordinate.
+
+  The middle of the sorted rows (even rows: `a/2 + b/2`, which cannot overflow).
+  """
+  rows = table.shape[0]
+  rid = jnp.arange(rows, dtype=jnp.int32)[:, None]
+  v = jnp.sort(signs * table[rid, buckets], axis=0)
+  if rows % 2:
+    return v[rows // 2]
+  return 0.5 * v[rows // 2 - 1] + 0.5 * v[rows // 2]
+
+
+def _add(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a + b` saturated at float32's range where both are finite (NaN/Inf propagate)."""
+  return checks.saturate(a + b, jnp.isfinite(a) & jnp.isfinite(b))
 
 
 def fetchsgd_server_step(state: FetchSGDState, table: jax.Array, buckets: jax.Array,
@@ -84,14 +96,14 @@ def fetchsgd_server_step(state: FetchSGDState, table: jax.Array, buckets: jax.Ar
   """
   rows, cols = table.shape
   size = buckets.shape[1]
-  u = checks.saturate(momentum * state.momentum + table)
-  e = checks.saturate(state.error + u)
+  u = _add(momentum * state.momentum, table)
+  e = _add(state.error, u)
   idx = top_indices(unsketch(e, buckets, signs), min(k, size))
   est = unsketch(e, buckets[:, idx], signs[:, idx])
   delta = jnp.zeros((size,), jnp.float32).at[idx].set(est)
   sd = sketch(est, buckets[:, idx], signs[:, idx], cols)  # = A delta (delta is k-sparse)
   hit = sd != 0
-  e = jnp.where(hit, 0.0, e) if error_reset == "zero" else checks.saturate(e - sd)
+  e = jnp.where(hit, 0.0, e) if error_reset == "zero" else _add(e, -sd)
   return delta, FetchSGDState(jnp.where(hit, 0.0, u), e)
 
 
@@ -150,8 +162,12 @@ def fetchsgd(rows: int, cols: int, k: int, *, momentum: float = 0.9, seed: int =
 
   def reduce_fn(payloads, weights):
     table = payloads["sketch"]
+    w = weights.astype(jnp.float32)
+    top = jnp.max(jnp.abs(w)[:, None, None] * jnp.abs(table.data), axis=0, initial=0.0)
+    safe = jnp.where(top > 0, top, 1.0)  # summed relative to the largest term: no overflow
+    summed = jnp.tensordot(w, checks.ratio(table.data, safe[None]), axes=1)
     return {"sketch": table.replace(data=checks.saturate(
-        jnp.tensordot(weights.astype(jnp.float32), table.data, axes=1)))}
+        summed * top, jnp.isfinite(top) & jnp.isfinite(summed)))}
 
   return flattened(Compressor(init_fn, encode_fn, decode_fn, reduce=reduce_fn))
 
