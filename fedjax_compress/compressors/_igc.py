@@ -58,6 +58,7 @@ from fedjax_compress.ops import _fastfood, _hadamard
 _SUBSPACE_DRAW = 0x1C  # fold_in tag of the random subspace choice (K-subspace, 'random')
 _FLOAT_BITS = 32
 _CG_RTOL = 1e-6  # CG stops when ||A^T A z - A^T y|| <= rtol ||A^T y|| (float32 precision)
+_BLOCK_RTOL = 1e-4  # subspace_server_tx: coordinate blocks below this (relative) are zero
 COORDINATES = ("adjoint", "solve")
 
 
@@ -443,6 +444,9 @@ def subspace_server_tx(inner: optax.GradientTransformation, d: int, num_subspace
   and returns `sum_k V_k inner(C)_k`. Hence with any optax optimizer (Adam included) the
   model stays in `theta_0 + range([V_1 .. V_K])` and the IGC downlink delivers it exactly:
   the paper's `z_{t+1} = ServerOpt(z_t, c)`. With `optax.sgd` it equals plain SGD in `R^D`.
+  For `K > 1`, coordinate blocks whose norm is below `1e-4` of the largest are set to exactly
+  zero (solver noise in the blocks a round did not update; an aggregate spanning several
+  blocks at very different scales would lose the small ones).
   When `K d >= D` the coordinates are `R^D` itself (the wrapper is `inner`). Costs per round:
   a few Fastfood applications (CG stops at float32 precision) over the `K` maps.
   """
@@ -467,6 +471,12 @@ def subspace_server_tx(inner: optax.GradientTransformation, d: int, num_subspace
     else:
       ps = maps(y.shape[0])
       c = _least_squares(lambda z: project(ps, z), lambda v: transpose(ps, v), y, iters)
+      if k > 1:
+        # A K-subspace round updates one block; the solve leaves float32 noise (~1e-7
+        # relative) in the others, which a scale-invariant optimizer (Adam) would turn into
+        # full-size steps. Blocks below _BLOCK_RTOL of the largest are exactly zero.
+        norms = jnp.sqrt(jnp.sum(jnp.square(c), axis=-1, keepdims=True))
+        c = jnp.where(norms > _BLOCK_RTOL * jnp.max(norms), c, 0.0)
     u, inner_state = inner.update(c, state.inner, state.z)
     out = u if k * d >= y.shape[0] else project(ps, u)
     return layout.unraveler(updates)(out), SubspaceOptState(state.z + u, inner_state)
