@@ -273,6 +273,10 @@ def mime(base: Optional[optax.GradientTransformation] = None, *, momentum: float
   server then updates `s <- V(c, s)` (`base.update(c, s)[1]`) and `x` by `server_tx`
   (`optax.sgd(1.0)`: the paper's `x <- mean_i y_i`). Default base: Mime's SGD momentum,
   `U = V = (1 - momentum) g + momentum m` (`optax.ema(momentum, debias=False)`).
+  The weights `w_i` are the cohort's (normalized); with example counts as weights `c` is
+  the gradient pooled over all the round's examples, as FedJAX's `mime` computes it. `c` and
+  `s` are billed dense in `down_bits` even with a downlink compressor; `grad f_i(x)` goes
+  through `compressor` (decoded per client, no compressed-domain sum).
   """
   return _mime(base, momentum, False, compressor)
 
