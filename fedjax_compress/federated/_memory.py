@@ -75,8 +75,12 @@ def device_memory_limit(device: Optional[jax.Device] = None) -> Optional[int]:
 def estimate_memory(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = (),
                     limit_bytes: Optional[int] = None) -> MemoryEstimate:
   """Compile `jax.jit(fn, donate_argnums)` for `args`' shapes and return its `MemoryEstimate`."""
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), x.dtype)
-                        if hasattr(x, "dtype") else x, args)
+  # Committed arrays (and ShapeDtypeStructs) keep their sharding: per-device figures of the
+  # program a later call with them runs, so it is compiled once; uncommitted ones jit places.
+  shapes = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else (
+      jax.ShapeDtypeStruct(jax.numpy.shape(x), x.dtype,
+                           sharding=x.sharding if getattr(x, "committed", False) else None)
+      if hasattr(x, "dtype") else x), args)
   compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*shapes).compile()
   ma = compiled.memory_analysis()
   limit = limit_bytes if limit_bytes is not None else device_memory_limit()
