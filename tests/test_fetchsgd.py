@@ -128,3 +128,31 @@ def test_bad_arguments_raise():
       C.fetchsgd(2, 8, 3, **kw)
   with pytest.raises(ValueError, match="k"):
     C.fetchsgd(2, 8, 0)
+
+
+@pytest.mark.parametrize("chunk", [1, "all"])
+def test_build_round_runs_full_fetchsgd(chunk):
+  """In `build_round` the server's sketch momentum and error persist (`ServerState.aggregator`):
+  3 rounds of clients whose delta is a known vector equal the NumPy server loop."""
+  import optax
+  from fedjax_compress import federated
+  c = C.fetchsgd(ROWS, COLS, K, momentum=0.9, seed=SEED)
+  loss = lambda p, batch, m, k: jnp.sum(p["w"] * batch["g"][0])  # one SGD step (lr 1): delta = g
+  params = {"w": jnp.zeros((SIZE,))}
+  rnd = jax.jit(federated.build_round(loss, optax.sgd(1.0), optax.sgd(1.0), c, local_steps=1,
+                                      clients_per_chunk=chunk))
+  st = federated.init_server_state(params, optax.sgd(1.0), c, num_clients=3)
+  b, s = _hashes()
+  u, e, x = np.zeros((ROWS, COLS)), np.zeros((ROWS, COLS)), np.zeros(SIZE)
+  w = np.asarray([2.0, 1.0, 1.0])
+  for t in range(3):
+    gs = _grads(t, 3)
+    cohort = federated.Cohort(ids=jnp.arange(3), weight=jnp.asarray(w, jnp.float32),
+                              batches={"g": jnp.asarray(np.stack(gs), jnp.float32)[:, None, None]},
+                              mask=jnp.ones((3, 1, 1), bool))
+    st, _ = rnd(st, cohort, jax.random.key(0))
+    table = sum(wi / w.sum() * _np_sketch(g, b, s) for wi, g in zip(w, gs))
+    delta, u, e = _np_server(u, e, table, b, s, 0.9, "zero")
+    x = x - delta
+    np.testing.assert_allclose(np.asarray(st.params["w"]), x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(st.aggregator.momentum), u, rtol=1e-4, atol=1e-4)

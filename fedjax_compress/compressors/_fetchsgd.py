@@ -116,14 +116,9 @@ def fetchsgd(rows: int, cols: int, k: int, *, momentum: float = 0.9, seed: int =
   `fetchsgd_server_step` and returns the `k`-sparse update `D` (use `server_tx =
   optax.sgd(lr)`). Receiver state: `FetchSGDState` (momentum and error sketches).
 
-  Inside `federated.build_round` today the reduced sketch is decoded with client 0's
-  receiver state, the returned state is dropped and the result is divided by the total
-  weight afterwards, so the round runs the memoryless step. The hook full FetchSGD needs:
-  a server-side receiver state for the reduced payload, `ServerState.aggregator =
-  uplink.init(params)[1]`, and in the round
-  `agg, aggregator = uplink.decode(uplink.reduce(stack([acc]), [1 / total]), aggregator,
-  agg_keys, start)`, storing `aggregator` (normalize before the decode, since the state
-  mixes rounds).
+  In `federated.build_round` the weighted mean of the sketches is decoded once per round
+  with the server's receiver state `ServerState.aggregator`, which carries the momentum and
+  error sketches across rounds: full FetchSGD with `server_tx = optax.sgd(lr)`.
   """
   rows = checks.check_positive_int(rows, "rows")
   cols = checks.check_positive_int(cols, "cols")

@@ -209,22 +209,32 @@ def _num_clients(state: ServerState) -> int:
 
 
 ChunkSize = Optional[int | str]
-CPU_CLIENTS_PER_CHUNK = 1
-"""Default `clients_per_chunk` on CPU (measured, benchmarks/bench_round.py): one client at a
-time inside the program. XLA:CPU parallelises within each op, and a chunk of vmapped clients
-turns every per-client matmul into a batched one that runs no faster per client while
-multiplying the working set; see BENCHMARKS.md "Client execution"."""
+CPU_CHUNK_BYTES = 6 << 20
+"""CPU default chunk: enough clients that one float32 copy of their models fills ~6 MiB."""
+CPU_MAX_CLIENTS_PER_CHUNK = 8
+"""CPU default chunk is at most this many clients."""
 
 
-def default_clients_per_chunk(backend: Optional[str] = None) -> Optional[int]:
-  """`clients_per_chunk` used when None is given: 1 on CPU, the whole cohort (None) elsewhere.
+def default_clients_per_chunk(backend: Optional[str] = None,
+                              num_params: Optional[int] = None) -> Optional[int]:
+  """`clients_per_chunk` used when None is given.
 
-  On accelerators one vmapped program over the cohort keeps the device busy; pass a
-  smaller chunk when per-client memory times the cohort does not fit
-  (`federated.check_memory`).
+  On CPU `clamp(ceil(CPU_CHUNK_BYTES / (4 D)), 1, CPU_MAX_CLIENTS_PER_CHUNK)` for a model
+  of `D = num_params` parameters (1 if unknown): measured (benchmarks/bench_chunks.py,
+  BENCHMARKS.md "Client execution"), a small chunk of vmapped clients beats both one client
+  at a time (per-op dispatch inside the loop) and one vmap over the cohort (a working set
+  far beyond the caches; XLA:CPU parallelises within each op, so batching clients adds no
+  parallelism): best were 4-8 clients for D = 14K-290K MLPs and 2 for the 1.2M EMNIST CNN.
+  Elsewhere the whole cohort (None): one vmapped program keeps an accelerator busy; pass a
+  smaller chunk when per-client memory times the cohort does not fit (`check_memory`).
   """
   backend = jax.default_backend() if backend is None else backend
-  return CPU_CLIENTS_PER_CHUNK if backend == "cpu" else None
+  if backend != "cpu":
+    return None
+  if not num_params:
+    return 1
+  per_client = 4 * int(num_params)
+  return int(min(CPU_MAX_CLIENTS_PER_CHUNK, max(1, -(-CPU_CHUNK_BYTES // per_client))))
 
 
 def _check_chunk(clients_per_chunk: ChunkSize) -> ChunkSize:
@@ -236,15 +246,16 @@ def _check_chunk(clients_per_chunk: ChunkSize) -> ChunkSize:
   return checks.check_positive_int(clients_per_chunk, "clients_per_chunk")
 
 
-def chunk_plan(num: int, clients_per_chunk: ChunkSize) -> tuple[int, int]:
+def chunk_plan(num: int, clients_per_chunk: ChunkSize,
+               num_params: Optional[int] = None) -> tuple[int, int]:
   """`(num_chunks, chunk)` for a cohort of `num` clients: `num_chunks * chunk >= num`.
 
   The chunk is at most `clients_per_chunk` and as even as possible, so fewer than
   `num_chunks` weight-0 clients pad the last chunk (13 clients at 8 per chunk: 2 x 7).
-  'all' is one chunk of the cohort; None is `default_clients_per_chunk()`.
+  'all' is one chunk of the cohort; None is `default_clients_per_chunk(num_params=)`.
   """
   if clients_per_chunk is None:
-    clients_per_chunk = default_clients_per_chunk()
+    clients_per_chunk = default_clients_per_chunk(num_params=num_params)
   if clients_per_chunk is None or clients_per_chunk == "all":
     return 1, num
   n = -(-num // min(int(clients_per_chunk), num))
@@ -444,7 +455,8 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
 
     # Clients, `chunk` at a time: pad the cohort with weight-0 clients to whole chunks.
     num = ids.shape[0]
-    n, chunk = chunk_plan(num, clients_per_chunk)
+    n, chunk = chunk_plan(num, clients_per_chunk,
+                          sum(int(np.size(x)) for x in jax.tree.leaves(start)))
     pad = n * chunk - num
     pids = _pad_rows(ids, pad, max(num_clients, 1) - 1)
     weight = jnp.where(present, jnp.asarray(cohort.weight, jnp.float32), 0.0)
@@ -538,9 +550,18 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     total = jnp.sum(w)
     inv = 1.0 / jnp.where(total > 0, total, 1.0)
     if uplink.reduce is not None:
+      # Normalise in the compressed domain, then decode once with the server's own receiver
+      # state (`ServerState.aggregator`, e.g. FetchSGD's sketch momentum and error), which
+      # persists across rounds; states built without one decode with client 0's (stateless).
       agg_keys = Keys(up_keys.shared, jax.random.fold_in(up_keys.shared, _keys.AGGREGATE))
-      acc, _ = uplink.decode(acc, jax.tree.map(lambda r: r[0], state.receivers), agg_keys,
-                             start)
+      acc = uplink.reduce(jax.tree.map(lambda a: a[None], acc), jnp.reshape(inv, (1,)))
+      aggregator = state.aggregator
+      if aggregator is None:
+        aggregator = jax.tree.map(lambda r: r[0], state.receivers)
+      acc, aggregator = uplink.decode(acc, aggregator, agg_keys, start)
+      if state.aggregator is not None:
+        new["aggregator"] = aggregator
+      inv = jnp.ones((), jnp.float32)
     agg = jax.tree.map(lambda a, p: (a.astype(jnp.float32) * inv).astype(jnp.asarray(p).dtype),
                        acc, start)
 

@@ -80,4 +80,5 @@ def shard_state(state: ServerState, mesh: Mesh) -> ServerState:
       round=jax.device_put(state.round, rep),
       broadcast=jax.device_put(state.broadcast, rep),
       down_sender=jax.device_put(state.down_sender, rep),
-      down_receiver=jax.device_put(state.down_receiver, rep))
+      down_receiver=jax.device_put(state.down_receiver, rep),
+      aggregator=jax.device_put(state.aggregator, rep))

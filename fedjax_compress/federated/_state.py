@@ -48,6 +48,9 @@ class ServerState:
     broadcast: the model as clients know it (only with a downlink compressor, else None).
     down_sender: downlink sender state (server side, one broadcast message), or None.
     down_receiver: downlink receiver state (shared by all clients), or None.
+    aggregator: the server's receiver state for the once-per-round decode of the reduced
+      payload (uplinks with `Compressor.reduce`, e.g. FetchSGD's momentum and error in
+      sketch space), or None.
     alg_clients: per-client state of the round's `Algorithm` (leading axis `num_clients`):
       `{'state': ..., 'sender': ..., 'receiver': ...}`, the algorithm's own (e.g. SCAFFOLD's
       `c_i`) and its message compressor's; None for FedAvg/FedOpt.
@@ -63,6 +66,7 @@ class ServerState:
   broadcast: Any = None
   down_sender: Any = None
   down_receiver: Any = None
+  aggregator: Any = None
   alg_clients: Any = None
   alg_server: Any = None
 
@@ -114,6 +118,8 @@ def init_server_state(params: Any, server_tx: optax.GradientTransformation,
                       senders=_stack(sender, num_clients),
                       receivers=_stack(receiver, num_clients),
                       round=jnp.zeros((), jnp.int32))
+  if uplink.reduce is not None:
+    state = state.replace(aggregator=receiver)
   if algorithm is not None:
     from fedjax_compress.compressors._identity import identity  # pylint: disable=import-outside-toplevel
     from fedjax_compress.federated._algorithms import Algorithm  # pylint: disable=import-outside-toplevel
