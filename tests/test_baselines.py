@@ -330,3 +330,30 @@ def test_bit_accounting_is_exact_past_int32():
   big = Field(jax.ShapeDtypeStruct((2**26,), jnp.float32), 32)
   assert int(bits.field_bits(big)) == 2**31
   assert int(bits.field_bits(Field(jax.ShapeDtypeStruct((2**25,), jnp.float32), 32))) == 2**30
+
+
+def _top_reference(v, k):
+  """Exact reference: stable order of the magnitude bit patterns, lowest index first."""
+  key = np.abs(np.asarray(v, np.float32)).view(np.int32) & 0x7FFFFFFF
+  return np.sort(np.argsort(-key.astype(np.int64), kind="stable")[:k])
+
+
+def test_top_k_threshold_selection_is_exact():
+  # The sampled-threshold path (D > 4 * sample) against a full stable sort, including
+  # ties, an all-zero vector, spikes the strided sample misses (forces bisection steps)
+  # and NaN/Inf; all cases as one vmapped batch.
+  from fedjax_compress.compressors import _sparsify
+  rng = np.random.default_rng(3)
+  n = 5000
+  spikes = rng.random(n) * 1e-3
+  spikes[np.arange(1, n, 7)[:150]] = 10 + rng.random(150)
+  nan_inf = rng.normal(size=n)
+  nan_inf[5], nan_inf[77] = np.nan, -np.inf
+  vs = np.stack([rng.normal(size=n), np.zeros(n), rng.integers(-3, 4, n).astype(float),
+                 spikes, nan_inf, -spikes[::-1]])
+  sel = jax.jit(jax.vmap(lambda x, k: _sparsify.top_indices(x, k, sample=64), (0, None)),
+                static_argnums=1)
+  for k in (40, 1200):
+    got = np.asarray(sel(jnp.asarray(vs, jnp.float32), k))
+    for g, v in zip(got, vs):
+      np.testing.assert_array_equal(g, _top_reference(v, k))

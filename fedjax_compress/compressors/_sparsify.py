@@ -54,12 +54,96 @@ def magnitude_keys(vec: jax.Array) -> jax.Array:
   return bits & jnp.int32(0x7FFFFFFF)
 
 
-def top_indices(vec: jax.Array, k: int) -> jax.Array:
-  """uint32 indices, in increasing order, of the `k` largest `|vec|` (ties: lowest index)."""
+SAMPLE = 1 << 15
+"""Sample size of `top_indices`' threshold estimate (vectors above `4 * SAMPLE` elements)."""
+_ROW = 32  # row length of the candidate compaction
+
+
+def top_indices(vec: jax.Array, k: int, *, sample: int = SAMPLE) -> jax.Array:
+  """uint32 indices, in increasing order, of the `k` largest `|vec|` (ties: lowest index).
+
+  Small vectors (`<= 4 sample` elements) or `k > D/4` use `lax.top_k` (on XLA:CPU it costs
+  hundreds of memory passes at D = 10M). Otherwise `_threshold_select`: exact, same result.
+  """
   if k == 0:
     return jnp.zeros((0,), jnp.uint32)
-  _, idx = jax.lax.top_k(magnitude_keys(vec), k)  # lax.top_k: equal keys lower index first
-  return jnp.sort(idx.astype(jnp.uint32))
+  keys = magnitude_keys(vec)
+  n = keys.shape[0]
+  if n <= 4 * sample or 4 * k > n:
+    _, idx = jax.lax.top_k(keys, k)  # lax.top_k: equal keys lower index first
+    return jnp.sort(idx.astype(jnp.uint32))
+  return _threshold_select(keys, k, sample)
+
+
+def _excl_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def _threshold_select(keys: jax.Array, k: int, sample: int) -> jax.Array:
+  """Exact top-`k` of int32 `keys` (ties: lowest index) in a few passes, no full sort.
+
+  1. A threshold `t` from a strided sample of `sample` keys, set a few standard deviations
+     below the sample's top-`k D/sample` quantile.
+  2. One pass counts, per row of `_ROW` keys, `G_r = #{key > t}` and `E_r = #{key == t}`.
+     `t` is valid when `G + E >= k` (all of the top `k` are `>= t`) and `G <= cap` (static
+     `cap ~ k + 2 margin`); otherwise `t` is bisected over the key range (a `while_loop`,
+     one counting pass per step, normally no step; `t = T`, the `k`-th largest key, is
+     always valid, so it terminates within 31 steps).
+  3. The `m = min(G + E, cap)` candidates (`key > t`, then the lowest-index ties) are
+     compacted in index order from the row counts (each output slot gathers its row).
+  4. The `k`-th largest candidate `T` and the lowest-index ties at `T` give the result.
+  """
+  n = keys.shape[0]
+  stride = n // sample
+  r = k * sample / n
+  margin = 4.0 * math.sqrt(r) + 8.0
+  rank = min(sample - 1, math.ceil(r + margin))
+  cap = min(n, k + math.ceil(2.0 * margin * stride) + 64)
+  t0 = jnp.sort(keys[::stride][:sample])[sample - 1 - rank]
+
+  rows = -(-n // _ROW)
+  kp = jnp.pad(keys, (0, rows * _ROW - n), constant_values=-1).reshape(rows, _ROW)
+
+  def counts(t):
+    return (jnp.sum(kp > t, axis=1, dtype=jnp.int32), jnp.sum(kp == t, axis=1, dtype=jnp.int32))
+
+  def bad(c):
+    _, _, t, gt, eq = c
+    total = jnp.sum(gt) + jnp.sum(eq)
+    return (total < k) | (jnp.sum(gt) > cap)
+
+  def step(c):
+    lo, hi, t, gt, eq = c
+    few = jnp.sum(gt) + jnp.sum(eq) < k  # t above T: lower it
+    lo, hi = jnp.where(few, lo, t + 1), jnp.where(few, t - 1, hi)
+    t = lo + (hi - lo) // 2
+    return (lo, hi, t) + counts(t)
+
+  init = (jnp.int32(0), jnp.int32(0x7FFFFFFF), t0) + counts(t0)
+  _, _, t, gt, eq = jax.lax.while_loop(bad, step, init)
+
+  g = jnp.sum(gt)
+  m = jnp.minimum(g + jnp.sum(eq), cap)
+  take_eq = jnp.clip(m - g - _excl_cumsum(eq), 0, eq)  # ties taken per row, lowest first
+  sel = gt + take_eq
+  off = jnp.cumsum(sel)
+  j = jax.lax.iota(jnp.int32, cap)
+  row = jnp.minimum(jnp.searchsorted(off, j, side="right"), rows - 1).astype(jnp.int32)
+  q = j - (off[row] - sel[row])  # rank of slot j inside its row
+  rk = kp[row]  # (cap, _ROW)
+  tie = rk == t
+  mask = (rk > t) | (tie & (_excl_cumsum(tie.astype(jnp.int32), 1) < take_eq[row][:, None]))
+  pos = jnp.argmax(jnp.cumsum(mask, axis=1, dtype=jnp.int32) > q[:, None], axis=1)
+  valid = j < m
+  cidx = jnp.where(valid, row * _ROW + pos.astype(jnp.int32), n)
+  ckey = jnp.where(valid, jnp.take_along_axis(rk, pos[:, None], axis=1)[:, 0], -1)
+
+  big = jnp.sort(ckey)[cap - k]  # the k-th largest key
+  gt2 = ckey > big
+  eq2 = ckey == big
+  final = gt2 | (eq2 & (_excl_cumsum(eq2.astype(jnp.int32)) < k - jnp.sum(gt2)))
+  (slots,) = jnp.nonzero(final, size=k, fill_value=0)
+  return cidx[slots].astype(jnp.uint32)
 
 
 def top_k(k: Optional[int] = None, *, fraction: Optional[float] = None) -> Compressor:
