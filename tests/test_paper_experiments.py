@@ -51,7 +51,11 @@ def test_m22_experiment_per_bit_accuracy(tmp_path):
             "--lloyd-iters", "5"])
   s = _summary(tmp_path)
   by = s["by"]
-  assert len([m for m in by if m.startswith("M22")]) == 8  # R x family x M grid
+  assert len([m for m in by if m.startswith("M22")]) == 12  # R x family x M grid
+  for r in (1, 2, 3, 4):  # the paper's baseline on the same kept entries: equal payload
+    u, m22 = by[f"uniform R={r}"], by[f"M22 R={r} gennorm M=2"]
+    side = 64 - 32 * 2**r  # per message: one quantized layer (60x4): a range vs a level table
+    assert abs(u["up_bits"] - m22["up_bits"] - side * CLIENT_ROUNDS) <= 0.02 * m22["up_bits"]
   assert s["budget_bits"] == min(r["up_bits"] for r in s["rows"])
   for r in s["rows"]:
     # per-bit accuracy = (acc - acc_0) / cumulative uplink bits (compressors.per_bit_accuracy)

@@ -1,15 +1,17 @@
 """M22 experiment (spec ALGORITHMS_M22_HSQ_LAQ.md 4.1, expected shape UNVERIFIED).
 
-M22 at `R in {1, 2}` bits, GenNorm and double-Weibull fits, weight exponent `M in {0, 2}`,
-top-k with `P/R` (`P = 0.6`), against uncompressed FedAvg and QSGD. The library has no
-uniform min-max scalar quantizer (the paper's baseline), so QSGD (stochastic uniform levels
-on bucket norms, `s = 1`: 2 bits/coordinate, `s = 3`: 3 bits) stands in for it; its payload is
-NOT equal to M22's (M22 sends only `0.6 D / R` entries), so the comparison is made per bit:
-`compressors.per_bit_accuracy` on cumulative uplink payload bits (simulator `up_bits`), and
-accuracy at the smallest total uplink among the methods. FedAvg on Synthetic(0.5, 0.5) with
-an MLP (the paper: CIFAR-10 CNN, 2 clients, 10 rounds, 3 local Adam epochs).
+M22 at `R in {1, 2, 3, 4}` bits (GenNorm, weight exponent `M in {0, 2}`; double Weibull at
+R = 1, 2), top-k with `P/R` (`P = 0.6`), against the paper's baseline - uniform min-max
+quantization (`compressors.uniform`) of the same top-k-kept entries at the same R, so the
+payload is equal up to side information (64 bits of range vs `32 2^R` of levels per layer) -
+and against uncompressed FedAvg and QSGD. Compared per bit (`compressors.per_bit_accuracy`
+on cumulative uplink payload bits) and at the smallest total uplink among the methods.
+`--server-lrs a,b,...` runs every row at each server learning rate and reports the best one
+per row (so M's effect on the direction is separated from its effect on the step length).
+FedAvg on Synthetic(0.5, 0.5) with an MLP (the paper: CIFAR-10 CNN, 2 clients, 10 rounds,
+3 local Adam epochs).
 
-  PYTHONPATH=. python -m experiments.m22.run --workdir=results/m22
+  PYTHONPATH=. python -m experiments.m22.run --workdir=results/m22 --server-lrs=0.5,1,2,4
 """
 
 from __future__ import annotations
@@ -31,17 +33,22 @@ def base_config(rounds: int, hidden: int, seed: int) -> Any:
   return c
 
 
-def variants(lloyd_iters: int) -> list[Variant]:
-  """Uncompressed, QSGD s=1/3 and M22 over R x family x M."""
-  out = [Variant("uncompressed", "identity", {}),
-         Variant("QSGD s=1 (2 bit)", "qsgd", {"levels": 1, "bucket_size": 128}),
-         Variant("QSGD s=3 (3 bit)", "qsgd", {"levels": 3, "bucket_size": 128})]
-  for r in (1, 2):
-    for fam in ("gennorm", "weibull"):
+def variants(lloyd_iters: int, server_lr: float = 1.0) -> list[Variant]:
+  """Uncompressed, QSGD s=1/3, and per R: uniform min-max and M22 (families x M)."""
+  tag = "" if server_lr == 1.0 else f" @lr={server_lr:g}"
+  over = {} if server_lr == 1.0 else {"server_lr": float(server_lr)}
+  v = lambda label, name, kw: Variant(label + tag, name, kw, overrides=over)
+  out = [v("uncompressed", "identity", {}),
+         v("QSGD s=1 (2 bit)", "qsgd", {"levels": 1, "bucket_size": 128}),
+         v("QSGD s=3 (3 bit)", "qsgd", {"levels": 3, "bucket_size": 128})]
+  for r in (1, 2, 3, 4):
+    out.append(v(f"uniform R={r}", "uniform", {"bits": r, "top_fraction": 0.6,
+                                               "min_layer_size": 100}))
+    for fam in (("gennorm", "weibull") if r <= 2 else ("gennorm",)):
       for m in (0.0, 2.0):
-        out.append(Variant(f"M22 R={r} {fam} M={m:g}", "m22",
-                           {"bits": r, "m": m, "family": fam, "top_fraction": 0.6,
-                            "min_layer_size": 100, "lloyd_iters": lloyd_iters}))
+        out.append(v(f"M22 R={r} {fam} M={m:g}", "m22",
+                     {"bits": r, "m": m, "family": fam, "top_fraction": 0.6,
+                      "min_layer_size": 100, "lloyd_iters": lloyd_iters}))
   return out
 
 
@@ -63,10 +70,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--hidden", type=int, default=32)
   p.add_argument("--lloyd-iters", type=int, default=30)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--server-lrs", default="1.0", help="comma-separated server lrs to tune over")
   a = p.parse_args(argv)
+  lrs = [float(x) for x in a.server_lrs.split(",") if x.strip()]
   base = base_config(a.rounds, a.hidden, a.seed)
   acc0 = sweep.initial_accuracy(base)
-  summaries, runs = sweep.run_variants(base, variants(a.lloyd_iters), a.workdir)
+  grid = [variants(a.lloyd_iters, lr) for lr in lrs]
+  summaries, runs = sweep.run_variants(base, [x for g in grid for x in g], a.workdir)
+  for s, lr in zip(summaries, [lr for lr, g in zip(lrs, grid) for _ in g]):
+    s["server_lr"] = lr
+  if len(lrs) > 1:  # one row per method: the server lr with the best accuracy
+    by_row: dict[str, dict] = {}
+    for s, label in zip(summaries, [x.label for x in grid[0]] * len(lrs)):
+      best = by_row.get(label)
+      if "error" not in s and (best is None or s["best_acc"] > best["best_acc"]):
+        by_row[label] = s
+    for label, s in by_row.items():
+      runs[label] = runs[s["method"]]
+      s["method"] = label
+    summaries = [by_row[x.label] for x in grid[0] if x.label in by_row]
   ok = [s for s in summaries if "error" not in s]
   budget = min(s["up_bits"] for s in ok)
   for s in ok:
@@ -78,15 +100,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     s["acc_at_budget"] = acc_at_budget(runs[s["method"]], budget)
   sweep.write(a.workdir, summaries, dict(initial_acc=acc0, budget_bits=budget, args=vars(a)))
   print(f"\ninitial acc {acc0:.4f}; common uplink budget {budget:.4g} bits")
-  print("| method | final acc | best acc | uplink bits | bits/client/round | acc @ budget | "
-        "per-bit acc (final) | per-bit acc (best) |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| method | server lr | final acc | best acc | uplink bits | bits/client/round | "
+        "acc @ budget | per-bit acc (final) | per-bit acc (best) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for s in summaries:
     if "error" in s:
       print(f"| {s['method']} | FAILED {s['error']} |")
       continue
     ab = f"{s['acc_at_budget']:.4f}" if s["acc_at_budget"] is not None else "-"
-    print(f"| {s['method']} | {s['final_acc']:.4f} | {s['best_acc']:.4f} | {s['up_bits']:.3g} | "
+    print(f"| {s['method']} | {s['server_lr']:g} | {s['final_acc']:.4f} | {s['best_acc']:.4f} | "
+          f"{s['up_bits']:.3g} | "
           f"{s['bits_per_round_per_client']:.0f} | {ab} | {s['per_bit_acc_final']:.3e} | "
           f"{s['per_bit_acc_best']:.3e} |")
 
