@@ -15,16 +15,44 @@ import pytest
 from fedjax_compress import compressors, testing
 from fedjax_compress.testing import BAD_INPUT_CHECKS, REGISTRY, harness
 
-# Known failures of codecs owned by other work items; strict, so a fix makes them fail
-# until the mark is removed. Keys: (entry name, check name).
-XFAIL: dict[tuple[str, str], str] = {}
+# Known failures (2026-12-02) of codecs owned by other work items of issue 13; not strict,
+# since their owners are fixing them in parallel: remove an entry once it passes (the
+# report lists XPASS). Keys: (entry name, check name).
+_IGC = "issue 13, codecs item 1 (IGC decode accepts another template) / empty leaves (IGC)"
+_EMPTY = "issue 13, codecs item 4: empty leaves/trees must cost 0 bits and decode empty"
+_KEYS = "issue 13, codecs item 5: keys=None / tuple must raise a ValueError naming keys"
+_HUGE = "issue 13, codecs item 2: finite input up to 1e38 must give finite output"
+_NAN = "issue 13, codecs item 3: NaN/Inf under jit must propagate"
+XFAIL: dict[tuple[str, str], str] = {
+    **{(e, "bad_template"): _IGC for e in (
+        "igc_static", "igc_static_blocked", "igc_k_subspace", "igc_k_subspace_cyclic",
+        "igc_time_varying", "igc_static_downlink", "igc_k_subspace_downlink")},
+    **{(e, "empty"): _EMPTY for e in (
+        "igc_static", "igc_static_blocked", "igc_k_subspace", "igc_k_subspace_cyclic",
+        "igc_time_varying", "igc_static_downlink", "igc_k_subspace_downlink", "m22",
+        "m22_weibull_pooled", "uniform_top_k_pooled", "hsq", "hsq_no_ef", "hsq_unbiased")},
+    **{(e, "bad_keys"): _KEYS for e in (
+        "igc_k_subspace", "igc_time_varying", "m22", "m22_weibull_pooled", "uniform",
+        "uniform_top_k_pooled", "uniform_stochastic", "hsq", "hsq_no_ef", "hsq_unbiased")},
+    **{(e, "huge_finite"): _HUGE for e in (
+        "igc_static_downlink", "igc_k_subspace_downlink", "hsq_unbiased")},
+    **{(e, "nonfinite_jit"): _NAN for e in (
+        "uniform", "uniform_top_k_pooled", "uniform_stochastic")},
+}
+
+# Run by default (the codecs issue 13 names); every other entry runs under `-m slow`
+# (the whole matrix takes ~15 min on 2 busy cores, mostly compiles and eager m22/hsq).
+FAST = {"qsgd", "sign_sgd", "sign_sgd_scaled", "random_k", "ef_top_k", "power_sgd",
+        "lbgm_top_k"}
 
 
 def _cases():
   for e in REGISTRY:
     for name in BAD_INPUT_CHECKS:
       reason = XFAIL.get((e.name, name))
-      marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+      marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+      if e.name not in FAST:
+        marks.append(pytest.mark.slow)
       yield pytest.param(e, name, id=f"{e.name}-{name}", marks=marks)
 
 
@@ -35,6 +63,7 @@ def test_bad_input_property(entry, check):
 
 def test_xfail_table_names_registered_pairs():
   names = {e.name for e in REGISTRY}
+  assert FAST <= names
   for entry, check in XFAIL:
     assert entry in names and check in BAD_INPUT_CHECKS, (entry, check)
 
