@@ -1,7 +1,7 @@
 """fedjax_compress: communication-efficient federated learning in JAX.
 
 Compressors are pure `(init, encode, decode[, aggregate])` tuples over parameter pytrees;
-bits are derived from the payload's `Field`s and match `wire.pack` byte for byte.
+bits are derived from the payload's `Field`s and match `wire.pack(..., raw=True)` byte for byte.
 """
 
 from fedjax_compress import bits, checkpoint, compressors, wire
