@@ -255,7 +255,7 @@ class CodecTest(parameterized.TestCase):
                 + lb(min(keep, 12)) + 32 * n_r)
     self.assertEqual(int(bits.count(payload)), expected)
     self.assertEqual(wire.total_bits(payload), expected)
-    self.assertLen(wire.pack(payload), -(-expected // 8))
+    self.assertLen(wire.pack(payload, raw=True), -(-expected // 8))
 
   def test_levels_equal_standalone_fit_and_design(self):
     c = C.m22(2, m=2.0, family="weibull", top_fraction=0.5, min_layer_size=100, lloyd_iters=40)
