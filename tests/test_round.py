@@ -372,3 +372,15 @@ def test_state_with_downlink_can_be_donated():
                             mask=jnp.ones((2, 1, 3), bool))
   st, m = rnd(st, cohort, jax.random.key(0))
   assert int(st.round) == 1 and np.all(np.isfinite(np.asarray(st.params["w"])))
+
+
+def test_count_sketch_reduce_of_an_empty_model():
+  """An empty model sends no sketch; `reduce` keeps the empty payload and decodes to empty."""
+  c = compressors.count_sketch(3, 16)
+  like = {"w": jnp.zeros((0,))}
+  s, r = c.init(like)
+  keys = Keys(jax.random.key(0), jax.random.key(1))
+  pay, _ = c.encode(like, s, keys)
+  red = c.reduce(jax.tree.map(lambda x: jnp.stack([x, x]), pay), jnp.ones(2))
+  out, _ = c.decode(red, r, keys, like)
+  assert out["w"].shape == (0,) and int(bits.count(red)) == 0

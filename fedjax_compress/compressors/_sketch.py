@@ -125,6 +125,8 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
     return _unsketch(payload["sketch"].data, keys.shared, like), state
 
   def reduce_fn(payloads, weights):
+    if "sketch" not in payloads:  # an empty model sends nothing
+      return payloads
     sketch = payloads["sketch"]
     return {"sketch": sketch.replace(
         data=jnp.tensordot(weights.astype(jnp.float32), sketch.data, axes=1))}
