@@ -7,6 +7,7 @@ tests run this file as a worker script (`python tests/test_runner_safety.py work
 
 import functools
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from experiments import run as cli
-from experiments.common import (ConfigError, Terminated, WorkdirBusy, WorkdirError, available,
+from experiments.common import (ConfigError, RoundMemoryError, Terminated, WorkdirBusy, WorkdirError, available,
                                 final_state, make_compressor, run_experiment, runner,
                                 validate_config)
 from experiments.common.checkpoint import WorkdirLock, config_diff
@@ -284,6 +285,48 @@ def test_clients_per_chunk_reaches_the_round(monkeypatch, real_build):
   monkeypatch.setattr(runner.federated, "build_round", spy)
   real_build(tiny_config(clients_per_chunk=2))
   assert seen == [2]
+
+
+def test_round_memory_is_checked_once_before_round_one_and_a_misfit_stops_it(
+    tmp_path, monkeypatch, caplog):
+  """The round is compiled once, for the memory check, and that program is the one the
+  rounds run; a device too small for it stops the run (one CLI line) before anything is
+  written."""
+  cfg = tiny_config(rounds=2, cohort_size=3, local_steps=2)  # not in the build cache yet
+  seen = []
+  real_check = runner.federated.check_memory
+
+  def spy(fn, *args, **kw):
+    seen.append((args, kw, real_check(fn, *args, **kw)))
+    return seen[-1][2]
+  monkeypatch.setattr(runner.federated, "check_memory", spy)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    rows = run_experiment(cfg, str(tmp_path / "ok"), progress=False)
+  compiles = [r for r in caplog.records
+              if "Finished XLA compilation of jit(round_fn)" in r.getMessage()]
+  assert len(rows) == 2 and len(seen) == 1 and len(compiles) == 1, compiles
+  (state, cohort, _), kw, est = seen[0]
+  assert kw["donate_argnums"] == runner.ROUND_DONATE
+  pad = runner.build_experiment(cfg).pad_to  # (cached) clients padded to the device count
+  assert cohort.batches["x"].shape == (-(-3 // pad) * pad, 2, 4, 4)  # clients, steps, batch
+  assert int((np.asarray(cohort.weight) > 0).sum()) == 3
+  live = sum(x.addressable_shards[0].data.nbytes  # per device, as XLA's figures are
+             for x in jax.tree.leaves((state, cohort)))
+  assert est.argument_bytes >= live and est.need_bytes >= live + est.temp_bytes
+  fits = -(-est.need_bytes * 10 // 9)  # 90% of it is exactly the need
+  monkeypatch.setattr(runner.federated._memory, "device_memory_limit", lambda *a: fits)
+  runner.check_round_memory(validate_config(cfg), runner.build_experiment(cfg))
+  monkeypatch.setattr(runner.federated._memory, "device_memory_limit", lambda *a: fits - 2)
+  work = tmp_path / "small"
+  with pytest.raises(RoundMemoryError, match=r"one round of this config \(model 'logistic', "
+                     r"cohort_size=3.* but the device has .*smaller clients_per_chunk"):
+    run_experiment(cfg, str(work), progress=False)
+  assert os.listdir(work) == [".lock"]  # no config.json, metrics or checkpoint
+  with pytest.raises(SystemExit) as e:
+    cli.execute(cfg, str(work))
+  assert e.value.code.startswith("error: one round") and "\n" not in e.value.code
+  assert issubclass(RoundMemoryError, ConfigError) and issubclass(
+      RoundMemoryError, runner.federated.InsufficientMemoryError)
 
 
 def test_available_lists_only_compressor_factories():

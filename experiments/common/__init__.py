@@ -8,15 +8,18 @@ Public API:
   - `validate_config(config) -> ConfigDict`; errors: `ConfigError` (a ValueError naming the
     bad field, or a config that differs from the workdir's run), `Terminated` (SIGTERM
     during a run), `WorkdirBusy` (another process runs in the workdir), `WorkdirError` (the
-    workdir cannot be resumed safely as it is; nothing was changed).
+    workdir cannot be resumed safely as it is; nothing was changed), `RoundMemoryError`
+    (a ConfigError: the round cannot fit in device memory; `check_round_memory`).
 """
 
 from experiments.common.compressors import available, make_compressor
 from experiments.common.checkpoint import WorkdirBusy, WorkdirError
-from experiments.common.runner import (DATASETS, ConfigError, Experiment, Terminated,
-                                       build_experiment, final_state, make_dataset,
-                                       make_server_tx, run_experiment, validate_config)
+from experiments.common.runner import (DATASETS, ConfigError, Experiment, RoundMemoryError,
+                                       Terminated, build_experiment, check_round_memory,
+                                       final_state, make_dataset, make_server_tx,
+                                       run_experiment, validate_config)
 
 __all__ = ["run_experiment", "build_experiment", "final_state", "Experiment",
            "make_compressor", "available", "make_dataset", "make_server_tx", "DATASETS",
-           "validate_config", "ConfigError", "Terminated", "WorkdirBusy", "WorkdirError"]
+           "validate_config", "check_round_memory", "ConfigError", "RoundMemoryError",
+           "Terminated", "WorkdirBusy", "WorkdirError"]

@@ -7,7 +7,10 @@ M22's per-bit accuracy `(acc_t - acc_0) / cum_up_bits_t` on evaluated rounds),
 Cohorts and keys are pure functions of `(seed, round)`, so a resumed run is bit-identical to
 an uninterrupted one. Safety rules:
 
-  - Every config field is validated before anything is touched (`validate_config`).
+  - Every config field is validated before anything is touched (`validate_config`), and
+    the round is compiled once for its shapes before the first round: if XLA's memory
+    analysis says it cannot fit in device memory the run stops with a one-line
+    `RoundMemoryError` (a `ConfigError`) and nothing in the workdir is written.
   - One writer per workdir (`WorkdirLock`; a dead process's lock never blocks).
   - Each checkpoint stores, verified by its SHA-256, the config and the metric rows up to its
     round. On restart the newest checkpoint that verifies is restored; newer corrupt or
@@ -60,6 +63,16 @@ CKPT_KEEP = 2  # checkpoints kept per run (the newest and one fallback)
 
 class ConfigError(ValueError):
   """A config that does not fit its data or its workdir (changed config, cohort too large)."""
+
+
+class RoundMemoryError(ConfigError, federated.InsufficientMemoryError):
+  """A config whose round cannot fit in device memory (XLA's figures, before any round)."""
+
+
+# The round does not donate its input state: that state is the last completed round's, which
+# Ctrl-C / SIGTERM checkpoint and `Experiment.state` keeps for reuse, so the memory check
+# bills it as live beside the new state.
+ROUND_DONATE: tuple[int, ...] = ()
 
 
 def format_bits(n: int) -> str:
@@ -300,6 +313,7 @@ class Experiment(NamedTuple):
   state: federated.ServerState
   mesh: Any
   pad_to: int
+  step: Optional[Callable] = None  # the un-jitted round: `round_fn = jax.jit(step)`
 
 
 def training_model(name: str, num_classes: int, kwargs: dict) -> Any:
@@ -336,17 +350,50 @@ def build_experiment(config: Any, data: Optional[fdata.FederatedData] = None) ->
   downlink = (make_compressor(config.downlink, _plain(config.downlink_kwargs))
               if config.downlink else None)
   server_tx = make_server_tx(config.server_opt, config.server_lr)
-  round_fn = jax.jit(federated.build_round(
+  step = federated.build_round(
       models.classification_loss(train_model), optax.sgd(config.client_lr), server_tx, uplink,
       local_steps=config.local_steps, downlink=downlink,
-      clients_per_chunk=config.clients_per_chunk))
+      clients_per_chunk=config.clients_per_chunk)
+  round_fn = jax.jit(step, donate_argnums=ROUND_DONATE)
   state = federated.init_server_state(params, server_tx, uplink, num_clients=data.num_clients,
                                       downlink=downlink)
   n = len(jax.devices()) if config.shard else 1
   mesh = federated.client_mesh(n) if n > 1 else None
   if mesh is not None:
     state = federated.shard_state(state, mesh)
-  return Experiment(data, model, uplink, downlink, round_fn, state, mesh, n)
+  return Experiment(data, model, uplink, downlink, round_fn, state, mesh, n, step)
+
+
+def _cohort(config: Any, exp: Experiment, r: int) -> federated.Cohort:
+  """The cohort of round `r` (0-based), sharded over `exp.mesh`: a pure function of
+  `(config.seed, r)`."""
+  cohort = federated.sample_cohort(
+      exp.data, r, cohort_size=config.cohort_size, local_steps=config.local_steps,
+      batch_size=config.batch_size, seed=config.seed, pad_to=exp.pad_to,
+      weighting=config.weighting)
+  return cohort if exp.mesh is None else federated.shard_cohort(cohort, exp.mesh)
+
+
+def check_round_memory(config: Any, exp: Experiment, first_round: int = 0
+                       ) -> federated.MemoryEstimate:
+  """Compile one round for the shapes of round `first_round` and check it fits in memory.
+
+  `federated.check_memory` on `exp.step` with the runner's donation: need = arguments +
+  outputs - donated + temporaries must be <= 90% of the device memory. The compiled program
+  is the one `exp.round_fn` then runs (same function, jit options and shapes), so the first
+  round does not compile again. Raises `RoundMemoryError` (a `ConfigError`) otherwise.
+  """
+  if exp.step is None:
+    raise ValueError("exp.step is None: build the experiment with build_experiment")
+  what = (f"one round of this config (model {config.model.name!r}, cohort_size="
+          f"{config.cohort_size}, clients_per_chunk={config.clients_per_chunk}, batch_size="
+          f"{config.batch_size}, local_steps={config.local_steps})")
+  try:
+    return federated.check_memory(exp.step, exp.state, _cohort(config, exp, first_round),
+                                  jax.random.key(config.seed), donate_argnums=ROUND_DONATE,
+                                  what=what)
+  except federated.InsufficientMemoryError as e:
+    raise RoundMemoryError(str(e)) from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -468,8 +515,8 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
   `callback(round, row)` is called after each row is written (e.g. for early stopping by
   raising); the experiment state is only ever checkpointed at completed rounds. `data`, if
   given, must be `make_dataset(config.dataset)` (loaded once by the caller). Raises
-  `ConfigError` (a `ValueError`) for a bad config or one that differs from the workdir's
-  run, `WorkdirBusy` if another process is running in `workdir` and `WorkdirError` if the
+  `ConfigError` (a `ValueError`) for a bad config, one that differs from the workdir's run
+  or whose round cannot fit in device memory (`RoundMemoryError`), `WorkdirBusy` if another process is running in `workdir` and `WorkdirError` if the
   workdir cannot be resumed safely (both before anything in it is changed).
   """
   config = validate_config(config)
@@ -499,6 +546,8 @@ def run_experiment(config: Any, workdir: str, *, progress: bool = True,
       raise ConfigError(f"config.rounds={config.rounds} but {workdir} already holds "
                         f"{start} completed rounds")
     exp = build_experiment(config, data)
+    if start < config.rounds:  # before any round, checkpoint restore or write
+      check_round_memory(config, exp, start)
     state = exp.state
     if start:
       state = ckpt.restore(start, exp.state)
@@ -531,12 +580,7 @@ def _train(config, exp, state, rows, ckpt, writer, workdir, progress, callback, 
     with _sigterm_raises():
       try:
         for r in range(start, config.rounds):
-          cohort = federated.sample_cohort(
-              exp.data, r, cohort_size=config.cohort_size, local_steps=config.local_steps,
-              batch_size=config.batch_size, seed=config.seed, pad_to=exp.pad_to,
-              weighting=config.weighting)
-          if exp.mesh is not None:
-            cohort = federated.shard_cohort(cohort, exp.mesh)
+          cohort = _cohort(config, exp, r)
           new_state, m = exp.round_fn(state, cohort, seed_key)
           weight = np.asarray(cohort.weight, np.float64)
           up = int(np.asarray(m.up_bits, np.int64).sum())  # host-side Python ints
