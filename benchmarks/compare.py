@@ -15,11 +15,13 @@ participation; the `note` column says so). Writes to `--out`:
 
   PYTHONPATH=. python benchmarks/compare.py --out results/compare
   PYTHONPATH=. python benchmarks/compare.py --methods identity,top_k_ef,qsgd --rounds 3
+  PYTHONPATH=. python benchmarks/compare.py --dataset digits --rounds 40 --out results/digits
   PYTHONPATH=. python benchmarks/compare.py --dataset emnist --data_dir ~/tensorflow_datasets \
       --num_clients 100 --partition dirichlet --alpha 0.3   # needs the `data` extra
 
-The model is `--model` (default: logistic regression on synthetic data, a CNN on image
-datasets, the GRU char model on tiny_shakespeare). tfds datasets are never downloaded unless
+The model is `--model` (default: logistic regression on synthetic data, an MLP 64-64-10 on
+scikit-learn's offline 8x8 `digits` (20 clients, Dirichlet 0.5 label skew), a CNN on other
+image datasets, the GRU char model on tiny_shakespeare). tfds datasets are never downloaded unless
 `--download` is given; an absent dataset stops with a message naming `--data_dir`.
 """
 
@@ -97,6 +99,8 @@ def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[
              note=f"3x{sk}, top-{sk}"),
       Method("power_sgd_ef", "power_sgd", {"rank": 1, "min_compression_rate": 1.0}, ef=True,
              note="rank 1 + EF"),
+      Method("uniform", "uniform", {"bits": 2, "top_fraction": 0.6, "min_layer_size": 100},
+             note="R=2 min-max, P=0.6 (M22's baseline)"),
       Method("m22", "m22", {"bits": 2, "top_fraction": 0.6, "min_layer_size": 100,
                             "lloyd_iters": 20}, note="R=2 gennorm, P=0.6"),
       Method("hsq", "hsq", {"codebook_size": 256, "chunk": 8}, note="K=256, dc=8, EF"),
@@ -142,8 +146,14 @@ def num_params(config: Any, data: Any) -> int:
 
 
 def default_model(dataset: str) -> str:
-  """Model for a dataset: logistic on synthetic, char_lm on tiny_shakespeare, else cnn."""
-  return {"synthetic": "logistic", "tiny_shakespeare": "char_lm"}.get(dataset, "cnn")
+  """Model for a dataset: logistic on synthetic, mlp on digits, char_lm on tiny_shakespeare,
+  else cnn."""
+  return {"synthetic": "logistic", "digits": "mlp",
+          "tiny_shakespeare": "char_lm"}.get(dataset, "cnn")
+
+
+# kwargs of the default model (`default_model`) where they differ from the model's defaults
+DEFAULT_MODEL_KWARGS = {"digits": {"hidden": (64,)}}  # 4,810 params on 8x8 inputs
 
 
 def dataset_config(dataset: str, *, data_dir: Optional[str] = None,
@@ -153,7 +163,8 @@ def dataset_config(dataset: str, *, data_dir: Optional[str] = None,
 
   Synthetic data keep the quickstart fields; `partition='iid'` shares one labelling model
   (`data.synthetic(iid=True)`) and 'dirichlet' is rejected (Synthetic(a, b) is non-IID by
-  construction). tfds datasets go to `data.load_tfds` (defaults: 100 clients, Dirichlet 0.5).
+  construction). `digits` goes to `data.load_digits` (20 clients, Dirichlet `alpha` label
+  skew or IID), tfds datasets to `data.load_tfds` (defaults: 100 clients, Dirichlet 0.5).
   The data (and partition) seed is 0 whatever the training seed, as in the quickstart.
   """
   if dataset == "synthetic":
@@ -166,6 +177,9 @@ def dataset_config(dataset: str, *, data_dir: Optional[str] = None,
     if partition == "iid":
       c["iid"] = True
     return c
+  if dataset == "digits":
+    return dict(name="digits", num_clients=num_clients or 20,
+                partition=partition or "dirichlet", alpha=alpha, seed=0)
   return dict(name=dataset, data_dir=data_dir, num_clients=num_clients or 100,
               partition=partition or "dirichlet", alpha=alpha, download=download, seed=0)
 
@@ -174,12 +188,15 @@ def base_config(dataset: str, rounds: int, seed: int, *, model: Optional[str] = 
                 model_kwargs: Optional[dict] = None, eval_every: int = 1,
                 **data_kw: Any) -> Any:
   """Quickstart config with `rounds`, the dataset (`dataset_config(**data_kw)`), the model
-  (default `default_model(dataset)`) and only the final round checkpointed."""
+  (default `default_model(dataset)` with `DEFAULT_MODEL_KWARGS`) and only the final round
+  checkpointed."""
   c = quickstart.get_config()
   c.rounds, c.seed, c.eval_every = rounds, seed, eval_every
   c.checkpoint_every = 10**9  # only the final round is checkpointed
   c.dataset = dataset_config(dataset, **data_kw)
   c.model.name = model or default_model(dataset)
+  if model is None and model_kwargs is None:
+    model_kwargs = DEFAULT_MODEL_KWARGS.get(dataset)
   c.model.kwargs = dict(model_kwargs or {})
   return c
 
@@ -396,18 +413,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="results/compare")
   p.add_argument("--dataset", default="synthetic",
-                 help="'synthetic' or a tfds name (emnist, cifar10, fashion_mnist, ...)")
+                 help="'synthetic', 'digits' (scikit-learn, offline) or a tfds name (emnist, "
+                      "cifar10, fashion_mnist, ...)")
   p.add_argument("--data_dir", default=None, help="tfds data directory")
   p.add_argument("--download", action="store_true", help="let tfds download the dataset")
   p.add_argument("--num_clients", type=int, default=None,
-                 help="clients (default: 30 synthetic, 100 tfds; ignored by tiny_shakespeare)")
+                 help="clients (default: 30 synthetic, 20 digits, 100 tfds; ignored by "
+                      "tiny_shakespeare)")
   p.add_argument("--partition", choices=("iid", "dirichlet"), default=None,
-                 help="tfds split into clients (default dirichlet); synthetic: iid only")
+                 help="tfds / digits split into clients (default dirichlet); synthetic: iid "
+                      "only")
   p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
   p.add_argument("--model", choices=("logistic", "mlp", "cnn", "resnet", "char_lm"),
                  default=None,
-                 help="default: logistic (synthetic), char_lm (tiny_shakespeare), cnn (other)")
-  p.add_argument("--model_kwargs", default="", help='JSON, e.g. \'{"features": [16]}\'')
+                 help="default: logistic (synthetic), mlp 64 (digits), char_lm "
+                      "(tiny_shakespeare), cnn (other)")
+  p.add_argument("--model_kwargs", default=None,
+                 help='JSON, e.g. \'{"features": [16]}\' (default: the default model\'s)')
   p.add_argument("--rounds", type=int, default=30)
   p.add_argument("--eval_every", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
@@ -424,7 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   a = parse_args(argv)
   try:
     base = base_config(a.dataset, a.rounds, a.seed, model=a.model,
-                       model_kwargs=_json_kwargs(a.model_kwargs), eval_every=a.eval_every,
+                       model_kwargs=(None if a.model_kwargs is None
+                                     else _json_kwargs(a.model_kwargs)), eval_every=a.eval_every,
                        data_dir=a.data_dir, num_clients=a.num_clients, partition=a.partition,
                        alpha=a.alpha, download=a.download)
   except ValueError as e:

@@ -196,3 +196,23 @@ def test_compare_dataset_flags():
   assert c.dataset.num_clients == 100 and c.model.name == "mlp"
   assert [cmp.default_model(n) for n in ("synthetic", "emnist", "cifar10", "tiny_shakespeare")
           ] == ["logistic", "cnn", "cnn", "char_lm"]
+
+
+def test_compare_digits_option():
+  """`--dataset digits`: offline sklearn digits, 20 label-skewed clients, MLP 64 (4,810 params)."""
+  pytest.importorskip("sklearn")
+  cmp = _load_compare()
+  c = cmp.base_config("digits", 2, 0)
+  assert dict(c.dataset) == dict(name="digits", num_clients=20, partition="dirichlet",
+                                 alpha=0.5, seed=0)
+  assert c.model.name == "mlp" and dict(c.model.kwargs) == {"hidden": (64,)}
+  data = cmp.load_data(c)
+  assert data.num_clients == 20 and data.num_classes == 10
+  assert cmp.num_params(c, data) == 64 * 64 + 64 + 64 * 10 + 10
+  labels = [set(np.unique(cl["y"]).tolist()) for cl in data.clients if len(cl["y"])]
+  assert min(len(s) for s in labels) < 10  # label skew: some client lacks some digit
+  c = cmp.base_config("digits", 2, 0, num_clients=5, partition="iid", model="logistic")
+  assert c.dataset.num_clients == 5 and c.dataset.partition == "iid"
+  assert c.model.name == "logistic" and dict(c.model.kwargs) == {}
+  labels = {m.label for m in cmp.default_methods(20, 4810)}
+  assert {"uniform", "m22", "drive", "fetchsgd", "cast_bf16"} <= labels
