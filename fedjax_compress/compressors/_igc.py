@@ -257,7 +257,7 @@ def intrinsic_static(d: int, *, seed: int | jax.Array = 0, block_rows: int | str
   the exact coordinates of an update that lies in `range(V)`, i.e. the local `z_t - z_end`
   of clients trained in the subspace with `subspace_client_tx` (with `'adjoint'` they would
   upload `V^T V (z_t - z_end)`).
-  Map options: """ + _MAP_ARGS_DOC + """
+  Map options: {map_args}
 
   >>> import jax, jax.numpy as jnp
   >>> from fedjax_compress import compressors, Keys, bits
@@ -290,7 +290,7 @@ def intrinsic_k_subspace(d: int, num_subspaces: int, *, seed: int | jax.Array = 
   their update (the paper's client step for one local step); local training inside the
   round's subspace is offered for the static variant only (`subspace_client_tx`), since a
   client optimizer does not see the round's subspace.
-  Map options: """ + _MAP_ARGS_DOC
+  Map options: {map_args}"""
   d, map_kw = _map_options(d, block_rows, gaussian, method, permutation, generator)
   k = checks.check_positive_int(num_subspaces, "num_subspaces")
   if schedule not in ("random", "cyclic"):
@@ -319,10 +319,14 @@ def intrinsic_time_varying(d: int, *, block_rows: int | str | None = "auto",
   With a constant `keys.shared = seed` it equals `intrinsic_static(d, seed=seed)`. With the
   'auto' map the factors of large models are hashed and Feistel-permuted, so the fresh map
   costs no sort and no factor buffers each round.
-  Map options: """ + _MAP_ARGS_DOC
+  Map options: {map_args}"""
   d, map_kw = _map_options(d, block_rows, gaussian, method, permutation, generator)
   return _igc(d, lambda keys, state: (jax.random.fold_in(keys.shared, 0), state), EmptyState,
               True, map_kw)
+
+
+for _factory in (intrinsic_static, intrinsic_k_subspace, intrinsic_time_varying):
+  _factory.__doc__ = _factory.__doc__.replace("{map_args}", _MAP_ARGS_DOC)
 
 
 class SubspaceCoords(NamedTuple):
