@@ -313,7 +313,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}"
   if isinstance(v, int) and abs(v) >= 10**5:
     return f"{v:.3e}"
-  return str(v)
+  return str(v).replace("|", "\\|")  # a note like '|g| > tau' must not split the row
 
 
 def write_tables(table: list[dict], out: str) -> None:
