@@ -217,3 +217,16 @@ def test_compare_digits_option():
   labels = {m.label for m in cmp.default_methods(20, 4810)}
   assert {"uniform", "m22", "drive", "fetchsgd", "cast_bf16"} <= labels
   assert cmp._fmt("|g| > 0.02") == "\\|g\\| > 0.02"  # a markdown cell never splits its row
+
+
+def test_digits_config_is_the_compare_task():
+  """experiments/configs/digits.py validates and is `compare.py --dataset digits`'s task."""
+  pytest.importorskip("sklearn")
+  from experiments.common import validate_config
+  from experiments.configs import digits
+  cfg, base = validate_config(digits.get_config()), _load_compare().base_config("digits", 50, 0)
+  for field in ("dataset", "model", "cohort_size", "local_steps", "batch_size", "client_lr",
+                "server_opt", "server_lr", "rounds", "seed"):
+    assert json.dumps(cfg[field].to_dict() if hasattr(cfg[field], "to_dict") else cfg[field]
+                      ) == json.dumps(base[field].to_dict() if hasattr(base[field], "to_dict")
+                                      else base[field]), field
