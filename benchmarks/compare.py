@@ -133,8 +133,7 @@ def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[
       Method("threshold_ef", "threshold", {"tau": 0.02}, ef=True, note="|g| > 0.02 + EF"),
       Method("dgc", "dgc", {"fraction": 0.1, "momentum": 0.9}, note="10%, momentum 0.9"),
       Method("fetchsgd", "fetchsgd", {"rows": 3, "cols": sk, "k": sk, "momentum": 0.9},
-             note=f"3x{sk}, top-{sk}; server momentum/error need a round hook: memoryless "
-                  "here"),
+             note=f"3x{sk}, top-{sk}, server sketch momentum 0.9 + error"),
   ]
 
 

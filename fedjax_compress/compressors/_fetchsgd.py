@@ -13,10 +13,8 @@ by `seed`, so sketches of different rounds add). Server, per round (`fetchsgd_se
 The learning rate sits outside the error sum (as in CommEfficient's `_server_helper_sketched`,
 which returns `lr * D`): with a constant `lr` it equals the paper's `e <- e + lr u`, since
 every step is positively homogeneous. `(u, e)` is the *receiver* state of `fetchsgd()`, and
-`decode` is the server step. `federated.build_round` decodes the reduced sketch with a
-receiver state it does not keep (and normalizes afterwards), so inside today's round the
-server step runs memoryless (`u = e = S`: top-k of the unsketched sum). Full FetchSGD needs a
-round hook that keeps the reduced decode's receiver state (see `fetchsgd`).
+`decode` is the server step. `federated.build_round` decodes the normalized reduced sketch
+once per round with `ServerState.aggregator`, which keeps `(u, e)` across rounds.
 
 Byte conventions: CommEfficient bills `4 rows cols` bytes up per participant and `4 *` the
 number of weights changed since the client's last round down, no indices
