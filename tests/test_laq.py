@@ -249,9 +249,9 @@ class LAQTest(chex.TestCase, parameterized.TestCase):
     for t in range(3):
       gt = jax.tree.map(lambda v: v * (1 + 0.01 * t), g)
       p, s = c.encode(gt, s, KEYS, g)
-      data = wire.pack(p)
+      data = wire.pack(p, raw=True)
       self.assertEqual(len(data), -(-int(bits.count(p)) // 8))
-      q = wire.unpack(data, p)
+      q = wire.unpack(data, p, raw=True)
       out_p, _ = c.decode(p, r, KEYS, g)
       out_q, r = c.decode(q, r, KEYS, g)
       chex.assert_trees_all_equal(out_p, out_q)

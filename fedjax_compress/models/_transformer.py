@@ -70,7 +70,7 @@ class TransformerLM(nn.Module):
     wte = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
                    name="wte")
     wpe = self.param("wpe", nn.initializers.normal(0.01), (self.max_len, self.width))
-    x = wte(tokens) + wpe[:t]
+    x = wte(tokens) + wpe[None, :t]
     for i in range(self.layers):
       x = _Block(self.width, self.heads, name=f"block_{i}")(x)
     return wte.attend(nn.LayerNorm(epsilon=1e-5, name="ln_f")(x))
