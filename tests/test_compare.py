@@ -120,6 +120,7 @@ def _fake_tfds(calls: list, make=_fake_emnist) -> types.ModuleType:
   return mod
 
 
+@pytest.mark.slow  # ~100 s: two CNN compiles; the digits/synthetic compare tests stay default
 def test_compare_on_tfds_images_uses_cnn_and_exact_bits(tmp_path, monkeypatch):
   """EMNIST-shaped fake tfds: CNN chosen, flags reach the loader, bits equal the metric rows."""
   calls = []

@@ -80,6 +80,7 @@ def test_mnist_without_prepared_tfds_is_a_clear_error(tmp_path):
     run.make_model(cfg, run.make_data(cfg).clients[0]["x"])
 
 
+@pytest.mark.slow  # ~130 s on 2 cores
 def test_tiny_cnn_experiment_bits_and_learning(tmp_path):
   argv = ["--workdir", str(tmp_path), "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
           "--samples", "160", "--test_samples", "200", "--image_noise", "0.1", "--lr", "0.02",

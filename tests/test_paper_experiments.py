@@ -45,6 +45,7 @@ def test_igc_experiment_bits_follow_the_spec_table(tmp_path):
     assert 0.0 <= r["final_acc"] <= 1.0
 
 
+@pytest.mark.slow  # ~150 s on 2 cores; the m22 codec tests stay default
 def test_m22_experiment_per_bit_accuracy(tmp_path):
   from experiments.m22 import run  # pylint: disable=import-outside-toplevel
   run.main(["--workdir", str(tmp_path), "--rounds", str(ROUNDS), "--hidden", str(HIDDEN),
