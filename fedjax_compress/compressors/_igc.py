@@ -7,7 +7,11 @@ the server sums `sum_k w_k c_k` in the compressed domain and decodes once (`redu
 `aggregate`). `V` is never sent: both sides regenerate it from a key (0 bits). The decoded
 update is a shrunk estimate (`E[V V^T] ~ (d/D) I`), so learning rates must be re-tuned (spec
 IGC 1.2, 2.5). Payloads are stamped with the encoded updates' signature, so a decode template
-of another structure or shape raises `ValueError`.
+of another structure or shape raises `ValueError`. Empty leaves (shape `(0,)`) add nothing to
+the raveled update; a model without parameters (`D = 0`, e.g. `{}`) has nothing to send and
+every variant encodes it to a 0-bit message (no map is built; `0 < d <= D` is required
+otherwise). Variants whose map depends on the round (random K-subspace, time-varying) raise
+`ValueError` naming `keys` when `keys` is not a `Keys(shared, private)` of PRNG keys.
 
 The protocol carries no round index, so the round-dependent maps come from `keys.shared` (the
 same for every party of a round, see `keys.round_keys`) or from a counter state:
@@ -88,6 +92,17 @@ def _map_options(d, block_rows, gaussian, method, permutation, generator) -> tup
     raise ValueError(f"generator must be one of {_fastfood.GENERATORS}, got {generator!r}")
   return d, dict(block_rows=block_rows, gaussian=bool(gaussian), method=method,
                  permutation=permutation, generator=generator)
+
+
+def _check_model(d: int, num: int) -> None:
+  """`init`'s size check: `0 < d <= D`, or `D = 0` (no parameters: 0-bit messages, no map)."""
+  if num:
+    _fastfood.check_dims(d, num)
+
+
+def _empty_coords() -> jax.Array:
+  """Coordinates (and decoded vector) of a model without parameters: nothing, 0 bits."""
+  return jnp.zeros((0,), jnp.float32)
 
 
 def _least_squares(project: Callable[[jax.Array], jax.Array],
@@ -197,7 +212,7 @@ def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool
     return jax.tree.map(lambda x: x[key_or_index], maps(num))
 
   def init_fn(params):
-    _fastfood.check_dims(d, layout.num_params(params))
+    _check_model(d, layout.num_params(params))
     return init_state(), init_state()
 
   def encode_fn(updates, state, keys, params=None):
@@ -205,6 +220,8 @@ def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool
     checks.check_finite(updates)
     g = layout.ravel(updates)
     key, state = select(keys, state)
+    if g.shape[0] == 0:  # no parameters: a 0-bit message (the counter still advances)
+      return layout.stamp(Field(_empty_coords(), _FLOAT_BITS), updates), state
     p = fastfood(key, g.shape[0])
     if coordinates == "adjoint":
       c = _fastfood.fastfood_transpose(p, g)
@@ -216,15 +233,18 @@ def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool
   def decode_fn(payload, state, keys, like):
     payload = layout.unstamp(payload, like)
     key, state = select(keys, state)
-    y = _fastfood.fastfood_project(fastfood(key, layout.num_params(like)), payload.data)
+    num = layout.num_params(like)
+    y = (_fastfood.fastfood_project(fastfood(key, num), payload.data) if num
+         else _empty_coords())
     return layout.unraveler(like)(y), state
 
   def aggregate_fn(payloads, weights, keys, like):
     payloads = layout.unstamp(payloads, like)
     c = jnp.tensordot(weights.astype(jnp.float32), payloads.data, axes=1)
     key, _ = select(keys, None)
+    num = layout.num_params(like)
     return layout.unraveler(like)(
-        _fastfood.fastfood_project(fastfood(key, layout.num_params(like)), c))
+        _fastfood.fastfood_project(fastfood(key, num), c) if num else _empty_coords())
 
   def reduce_fn(payloads, weights):
     # `decode` is linear in the coordinates: sum_k w_k V c_k = V (sum_k w_k c_k).
@@ -297,6 +317,7 @@ def intrinsic_k_subspace(d: int, num_subspaces: int, *, seed: int | jax.Array = 
     raise ValueError(f"schedule must be 'random' or 'cyclic', got {schedule!r}")
   if schedule == "random":
     def select(keys, state):
+      checks.check_keys(keys, "intrinsic_k_subspace(schedule='random'): keys")
       return jax.random.randint(jax.random.fold_in(keys.shared, _SUBSPACE_DRAW), (), 0, k), state
     return _igc(d, select, EmptyState, True, map_kw, fixed=(seed, k))
 
@@ -321,8 +342,11 @@ def intrinsic_time_varying(d: int, *, block_rows: int | str | None = "auto",
   costs no sort and no factor buffers each round.
   Map options: {map_args}"""
   d, map_kw = _map_options(d, block_rows, gaussian, method, permutation, generator)
-  return _igc(d, lambda keys, state: (jax.random.fold_in(keys.shared, 0), state), EmptyState,
-              True, map_kw)
+  def select(keys, state):
+    checks.check_keys(keys, "intrinsic_time_varying: keys")
+    return jax.random.fold_in(keys.shared, 0), state
+
+  return _igc(d, select, EmptyState, True, map_kw)
 
 
 for _factory in (intrinsic_static, intrinsic_k_subspace, intrinsic_time_varying):
@@ -344,7 +368,7 @@ def _coords_downlink(d: int, seed, k: int, map_kw: dict, iters: int) -> Compress
 
   def init_fn(params):
     num = layout.num_params(params)
-    _fastfood.check_dims(d, num)
+    _check_model(d, num)  # D = 0: dense, empty coordinates (0-bit messages)
     z = jnp.zeros((num,) if dense(num) else (k, d), jnp.float32)
     return SubspaceCoords(z), SubspaceCoords(z)
 
