@@ -10,6 +10,7 @@ from fedjax_compress.compressors._igc import (IgcState, SubspaceCoords, intrinsi
                                               intrinsic_time_varying, SubspaceOptState,
                                               subspace_client_tx, subspace_loss,
                                               subspace_reparam, subspace_server_tx)
+from fedjax_compress.compressors._kashin import kashin
 from fedjax_compress.compressors._laq import laq, slaq
 from fedjax_compress.compressors._lbgm import lbgm
 from fedjax_compress.compressors._m22 import PerBitAccuracy, m22, per_bit_accuracy
@@ -32,4 +33,4 @@ __all__ = ["identity", "top_k", "random_k", "qsgd", "sign_sgd", "count_sketch", 
            # the peers' compressors (issue 14)
            "drive", "eden", "rotated_uniform", "terngrad", "natural_compression",
            "natural_dithering", "cast", "threshold", "dgc", "DgcState", "fetchsgd",
-           "FetchSGDState"]
+           "FetchSGDState", "kashin"]

@@ -117,6 +117,9 @@ REGISTRY: list[Entry] = [
     Entry("dgc", lambda: C.dgc(0.1), stateful=True, max_bits_fraction=0.3),
     Entry("fetchsgd", lambda: C.fetchsgd(3, 12, 20), linear_aggregate=False, stateful=True,
           max_bits_fraction=0.3),
+    Entry("kashin", lambda: C.kashin(2, block_size=64), unbiased=True, max_bits_fraction=0.25),
+    Entry("kashin_nearest_per_tensor", lambda: C.kashin(3, redundancy=1.5, stochastic=False,
+                                                        per_tensor=True)),
 ]
 
 
