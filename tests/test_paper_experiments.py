@@ -49,7 +49,7 @@ def test_igc_experiment_bits_follow_the_spec_table(tmp_path):
 def test_m22_experiment_per_bit_accuracy(tmp_path):
   from experiments.m22 import run  # pylint: disable=import-outside-toplevel
   run.main(["--workdir", str(tmp_path), "--rounds", str(ROUNDS), "--hidden", str(HIDDEN),
-            "--lloyd-iters", "5"])
+            "--lloyd-iters", "5", "--no-probe"])  # probes: tests/test_m22_experiment.py
   s = _summary(tmp_path)
   by = s["by"]
   assert len([m for m in by if m.startswith("M22")]) == 12  # R x family x M grid
