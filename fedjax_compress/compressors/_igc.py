@@ -105,19 +105,16 @@ def _empty_coords() -> jax.Array:
   return jnp.zeros((0,), jnp.float32)
 
 
-def _least_squares(project: Callable[[jax.Array], jax.Array],
-                   transpose: Callable[[jax.Array], jax.Array], y: jax.Array,
+def _least_squares(gram: Callable[[jax.Array], jax.Array], b: jax.Array,
                    iters: int) -> jax.Array:
-  """`argmin_z ||A z - y||` by at most `iters` conjugate-gradient steps on `A^T A z = A^T y`.
+  """`argmin_z ||A z - y||` by at most `iters` conjugate-gradient steps on `A^T A z = b`,
+  `b = A^T y`, `gram(z) = A^T A z` (`ops.fastfood_gram`: blocked, no `D`-sized buffer).
 
-  Started at `A^T y` and stopped once the normal-equation residual is below
-  `_CG_RTOL ||A^T y||`: `A^T A = I + E` with `||E|| ~ sqrt(d/D)` for the near-orthonormal
-  Fastfood columns, so a few steps reach float32 precision when `d << D`. Differentiated
-  implicitly through the solve, not through the CG iterations.
+  Started at `b` and stopped once the normal-equation residual is below `_CG_RTOL ||b||`:
+  `A^T A = I + E` with `||E|| ~ sqrt(d/D)` for the near-orthonormal Fastfood columns, so a
+  few steps reach float32 precision when `d << D`. The loop carries only `d`-sized vectors.
+  Differentiated implicitly through the solve, not through the CG iterations.
   """
-  gram = lambda z: transpose(project(z))  # noqa: E731
-  b = transpose(y)
-
   def cg(matvec, rhs):
     def cond(carry):
       i, _, _, _, rr = carry
@@ -226,8 +223,8 @@ def _igc(d: int, select: _Select, init_state: Callable[[], Any], stateless: bool
     if coordinates == "adjoint":
       c = _fastfood.fastfood_transpose(p, g)
     else:
-      c = _least_squares(lambda z: _fastfood.fastfood_project(p, z),
-                         lambda y: _fastfood.fastfood_transpose(p, y), g, cg_iters)
+      c = _least_squares(lambda z: _fastfood.fastfood_gram(p, z),
+                         _fastfood.fastfood_transpose(p, g), cg_iters)
     return layout.stamp(Field(c, _FLOAT_BITS), updates), state
 
   def decode_fn(payload, state, keys, like):
@@ -380,7 +377,7 @@ def _coords_downlink(d: int, seed, k: int, map_kw: dict, iters: int) -> Compress
       dz = y
     else:
       ps = maps(y.shape[0])
-      dz = _least_squares(lambda z: project(ps, z), lambda v: transpose(ps, v), y, iters)
+      dz = _least_squares(lambda z: _fastfood.fastfood_gram(ps, z), transpose(ps, y), iters)
     z = state.z + dz
     return layout.stamp(Field(z, _FLOAT_BITS), updates), SubspaceCoords(z)
 
@@ -498,7 +495,7 @@ def subspace_server_tx(inner: optax.GradientTransformation, d: int, num_subspace
       c = y
     else:
       ps = maps(y.shape[0])
-      c = _least_squares(lambda z: project(ps, z), lambda v: transpose(ps, v), y, iters)
+      c = _least_squares(lambda z: _fastfood.fastfood_gram(ps, z), transpose(ps, y), iters)
       if k > 1:
         # A K-subspace round updates one block; the solve leaves float32 noise (~1e-7
         # relative) in the others, which a scale-invariant optimizer (Adam) would turn into

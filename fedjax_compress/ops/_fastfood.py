@@ -402,3 +402,81 @@ def _transpose(p: FastfoodParams, y: jax.Array) -> jax.Array:
     x = jnp.take_along_axis(x, _inverse_perm(p), axis=-1, mode="promise_in_bounds")
   x = _fwht(p, x)[:, :p.d] * _signs(p, p.d)
   return _unscale(jnp.sum(x, axis=0), s)
+
+
+GRAM_CHUNK = 1 << 18
+"""`fastfood_gram` works on chunks of about this many entries (`K` maps x blocks x `L`): the
+chunk's transforms stay in cache and no `D`-sized buffer is made."""
+
+
+def _block_chunk(p: FastfoodParams, start: jax.Array, size: int) -> FastfoodParams:
+  """Blocks `start .. start + size - 1` of `p` (a leading map axis, if any, kept)."""
+  take = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(  # noqa: E731
+      x, start, size, axis=x.ndim - 1 if x.ndim == p.keys.ndim else x.ndim - 2)
+  return p.replace(keys=take(p.keys), scale=take(p.scale), perm_table=take(p.perm_table),
+                   signs_table=take(p.signs_table), gauss_table=take(p.gauss_table))
+
+
+def _chunk_forward(p: FastfoodParams, z: jax.Array) -> jax.Array:
+  """`H G P H B E_d z` of a chunk of blocks, scaled per block: f32[c, L] (rows not cut)."""
+  x = z[None, :] * _signs(p, p.d)
+  x = _fwht(p, jnp.pad(x, ((0, 0), (0, p.L - p.d))))
+  x = jnp.take_along_axis(x, _perm(p), axis=-1, mode="promise_in_bounds")
+  return _fwht(p, x * _gauss(p)) * p.scale[:, None]
+
+
+def _chunk_backward(p: FastfoodParams, x: jax.Array) -> jax.Array:
+  """`sum_b scale_b E_d^T B H P^T G H x_b` of a chunk of blocks `x`: f32[d]."""
+  x = _fwht(p, x * p.scale[:, None]) * _gauss(p)
+  if p.perm_table is not None:
+    x = jax.vmap(lambda xi, pi: jnp.zeros_like(xi).at[pi].set(xi, unique_indices=True))(
+        x, p.perm_table)
+  else:
+    x = jnp.take_along_axis(x, _inverse_perm(p), axis=-1, mode="promise_in_bounds")
+  return jnp.sum(_fwht(p, x)[:, :p.d] * _signs(p, p.d), axis=0)
+
+
+def fastfood_gram(p: FastfoodParams, z: jax.Array, *, chunk: int = GRAM_CHUNK) -> jax.Array:
+  """`V^T V z` (f32[d] -> f32[d]), or for `K` stacked maps (leading axis, `z`: f32[K, d])
+  `[V_1^T; ..; V_K^T] sum_k V_k z_k`, without any `D`-sized buffer.
+
+  `V^T V = sum_b V_b^T V_b` over the row blocks `b`, so the blocks are processed in chunks
+  (`lax.scan`): each chunk's `y_b = sum_k V_{k,b} z_k` (rows past `D_b`, and past `D` in
+  the last block, zeroed: `R_D^T R_D`) goes straight back through the transposes. Equals
+  `fastfood_transpose(p, fastfood_project(p, z))` up to float rounding of the block sum;
+  temporaries are `O(chunk)`, not `O(D)` (a CG solve on `V^T V` is then `O(d)` memory).
+  `chunk`: entries per chunk (at least one block of every map).
+  """
+  stacked = p.keys.ndim == 2
+  ps = p if stacked else jax.tree.map(lambda x: x[None], p)
+  z = jnp.asarray(z, jnp.float32)
+  zs = z if stacked else z[None]
+  if zs.shape != (ps.keys.shape[0], p.d):
+    raise ValueError(f"z must have shape {(ps.keys.shape[0], p.d) if stacked else (p.d,)}, "
+                     f"got {z.shape}")
+  out = _gram(ps, zs, checks.check_positive_int(chunk, "chunk"))
+  return out if stacked else out[0]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gram(ps: FastfoodParams, z: jax.Array, chunk: int) -> jax.Array:
+  k, nb = ps.keys.shape
+  size = max(1, min(nb, chunk // (k * ps.L)))
+  steps = -(-nb // size)
+  s = pow2_scale(z)
+  zs = z / s
+  rows = jnp.arange(ps.L, dtype=jnp.int32)
+
+  def step(acc, j):
+    start = jnp.minimum(j * size, nb - size)   # the last chunk overlaps the previous one
+    blk = start + jnp.arange(size, dtype=jnp.int32)
+    fresh = blk >= j * size                      # blocks not done by an earlier chunk
+    keep = (rows[None, :] < ps.block_rows) & (blk[:, None] * ps.block_rows + rows[None, :]
+                                              < ps.D) & fresh[:, None]
+    pc = _block_chunk(ps, start, size)
+    y = jnp.sum(jax.vmap(_chunk_forward)(pc, zs), axis=0)
+    y = jnp.where(keep, y, 0.0)
+    return acc + jax.vmap(_chunk_backward, in_axes=(0, None))(pc, y), None
+
+  acc = jnp.zeros(z.shape, jnp.float32)
+  return _unscale(jax.lax.scan(step, acc, jnp.arange(steps, dtype=jnp.int32))[0], s)
