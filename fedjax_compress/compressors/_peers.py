@@ -14,7 +14,7 @@ from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, EmptyState, Field, stateless_init
 from fedjax_compress._src.combinators import flattened
-from fedjax_compress.compressors._quantize import bucket_norms, hash_uniform
+from fedjax_compress.compressors._quantize import _buckets, bucket_norms, hash_uniform
 from fedjax_compress.compressors._rotated import per_tensor
 from fedjax_compress.compressors._sparsify import MAX_SIZE, _scatter_sum, top_indices
 
@@ -153,17 +153,12 @@ def natural_dithering(levels: int = 8, *, bucket_size: int = 512) -> Compressor:
     """Magnitude of level index `l` (0 -> 0, l -> 2^(l - s))."""
     return jnp.where(l > 0, jnp.ldexp(jnp.ones_like(l, jnp.float32), l - levels), 0.0)
 
-  def _buckets(vec):
-    size = vec.shape[0]
-    nb = -(-size // bucket_size)
-    return jnp.pad(vec, (0, nb * bucket_size - size)).reshape(nb, bucket_size)
-
   def encode_fn(vec, state, keys, params=None):
     del params
     checks.check_keys(keys)
     checks.check_finite(vec)
     size = vec.shape[0]
-    b = _buckets(vec.astype(jnp.float32))
+    b = _buckets(vec.astype(jnp.float32), bucket_size)  # QSGD's buckets and norms
     norms = bucket_norms(b)
     r = jnp.minimum(checks.ratio(jnp.abs(b), jnp.where(norms > 0, norms, 1.0)[:, None]), 1.0)
     _, e = jnp.frexp(r)                     # r = f 2^e, f in [1/2, 1): floor(log2 r) = e - 1
@@ -177,7 +172,7 @@ def natural_dithering(levels: int = 8, *, bucket_size: int = 512) -> Compressor:
   def decode_fn(payload, state, keys, like):
     del keys
     size = like.shape[0]
-    q = _buckets(payload["levels"].data.astype(jnp.int32))
+    q = _buckets(payload["levels"].data.astype(jnp.int32), bucket_size)
     norms = payload["norms"].data
     mag = _level(jnp.abs(q)) * jnp.sign(q).astype(jnp.float32)
     out = checks.saturate(mag * norms[:, None], jnp.isfinite(norms)[:, None])
