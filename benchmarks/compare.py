@@ -125,6 +125,8 @@ def default_methods(num_clients: int, num_params: Optional[int] = None) -> list[
       Method("drive", "drive", {}, note="1 bit/coord, optimal scale, Hadamard blocks"),
       Method("eden", "eden", {"bits": 2}, note="2 bits/coord, unbiased scale"),
       Method("rotated_uniform", "rotated_uniform", {"levels": 16}, note="16 levels (FedJAX)"),
+      Method("kashin", "kashin", {"bits": 3, "redundancy": 1.25, "block_size": 1024},
+             note="3 bits/coef, redundancy 1.25 Hadamard frame, 5 clip iters (TFF)"),
       Method("terngrad", "terngrad", {}, note="2.5 sigma clip, 1.6 bits/elt"),
       Method("natural_compression", "natural_compression", {}, note="9 bits/elt, unbiased"),
       Method("natural_dithering", "natural_dithering", {"levels": 4, "bucket_size": 64},
