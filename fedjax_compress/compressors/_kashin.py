@@ -132,7 +132,9 @@ def kashin(bits: int = 2, *, redundancy: float = 2.0, iterations: int = 5,
   `2^bits` levels `m (2 q / (2^bits - 1) - 1)` in `[-m, m]`, `m = max|c|`: stochastically
   with dither from `keys.private` (`E[decoded] = x`, the representation being exact), or to
   the nearest level with `stochastic=False`. Decoded as `F^T c_hat`.
-  Bits: `nb * (bits N + 32)`, about `redundancy * bits` per coordinate.
+  Bits: `nb * (bits N + 32)`, about `redundancy * bits` per coordinate; a vector that fits
+  one block pads `N` up to a power of two (effective redundancy `N / size` in
+  `[redundancy, 2 redundancy)`), so a smaller `block_size` (e.g. 1024) can cut the padding.
   """
   bits, redundancy, iterations, clip_level, eta, block_size = _check(
       bits, redundancy, iterations, clip_level, eta, block_size, stochastic, per_tensor)
