@@ -216,7 +216,7 @@ def test_compare_digits_option():
   assert c.dataset.num_clients == 5 and c.dataset.partition == "iid"
   assert c.model.name == "logistic" and dict(c.model.kwargs) == {}
   labels = {m.label for m in cmp.default_methods(20, 4810)}
-  assert {"uniform", "m22", "drive", "fetchsgd", "cast_bf16"} <= labels
+  assert {"uniform", "m22", "drive", "fetchsgd", "cast_bf16", "kashin"} <= labels
   assert cmp._fmt("|g| > 0.02") == "\\|g\\| > 0.02"  # a markdown cell never splits its row
 
 
