@@ -37,6 +37,25 @@ def test_fast_entries_registered():
   assert FAST <= {e.name for e in REGISTRY}
 
 
+@pytest.mark.parametrize("name", ["m22", "ef_power_sgd", "igc_k_subspace_downlink"])
+def test_named_codecs_stay_finite_on_huge_inputs(name):
+  """Issue 13's overflow list beyond FAST (slow in the matrix), jitted on a small model: two
+  messages at max|x| = 1e19 and 1e38 decode finite with finite payloads."""
+  from fedjax_compress import bits
+  # m22 quantizing every leaf with a short Lloyd design (the registry's compiles ~2x longer).
+  c = (compressors.m22(min_layer_size=1, lloyd_iters=5) if name == "m22"
+       else {e.name: e for e in REGISTRY}[name].make())
+  like = {"w": jnp.zeros((8, 6), jnp.float32), "b": jnp.zeros((6,), jnp.float32)}
+  step = jax.jit(lambda g, s, r, k: testing.roundtrip(c, g, s, r, k))
+  for peak in (1e19, 1e38):
+    sender, receiver = c.init(like)
+    for t in range(2):
+      g = testing.scaled_like(like, t, peak)
+      decoded, sender, receiver, payload = step(g, sender, receiver, testing.message_keys(0, t))
+      for x in jax.tree.leaves((decoded, [f.data for f in bits.fields(payload)])):
+        assert bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))), (name, peak, t)
+
+
 def test_igc_empty_models_and_bad_keys():
   """IGC (slow in the matrix), eagerly: `{}` / `float32[0]` models send 0 bits and decode to
   themselves, `d <= D` still holds for D > 0, round-keyed maps reject non-`Keys` keys."""
