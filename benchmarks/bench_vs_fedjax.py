@@ -103,7 +103,8 @@ def fc_side(a, clients: list[dict]) -> list[float]:
   server_tx = optax.sgd(SERVER_LR)
   chunk = None if a.chunk == "default" else (a.chunk if a.chunk == "all" else int(a.chunk))
   round_fn = jax.jit(federated.build_round(loss_fn, optax.sgd(CLIENT_LR), server_tx, uplink,
-                                           local_steps=a.steps, clients_per_chunk=chunk),
+                                           local_steps=a.steps, clients_per_chunk=chunk,
+                                           conv_impl=a.conv_impl),
                      donate_argnums=0)
   fd = fdata.FederatedData(clients, {k: clients[0][k][:4] for k in clients[0]},
                            62 if a.model == "cnn" else 10, "bench")
@@ -186,7 +187,7 @@ def _child(a, side: str, python: str, cohort: int) -> dict:
   cmd = [python, os.path.abspath(__file__), "--side", side, "--data", a.data, "--model", a.model,
          "--cohort", str(cohort), "--steps", str(a.steps), "--batch", str(a.batch),
          "--rounds", str(a.rounds), "--warmup", str(a.warmup), "--uplink", a.uplink,
-         "--chunk", a.chunk]
+         "--chunk", a.chunk, "--conv_impl", a.conv_impl]
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -209,6 +210,8 @@ def main():
                  help="ours: qsgd(127 levels) / EF(top-k 1%%); FedJAX: its 256-level uniform "
                       "stochastic quantizer for both compressed settings")
   p.add_argument("--chunk", default="default", help="clients_per_chunk: default|all|<int>")
+  p.add_argument("--conv_impl", default="auto", choices=["auto", "im2col", "xla"],
+                 help="build_round(conv_impl=): our side's convolution path")
   p.add_argument("--only", default="fc,fj")
   p.add_argument("--peer_python", default="/work/peer_venv/bin/python")
   p.add_argument("--timeout", type=float, default=1800)
@@ -232,7 +235,7 @@ def main():
           med[s].append(statistics.median(r["times"]))
       rate = {s: cohort / statistics.median(v) for s, v in med.items()}
       line = (f"model={a.model} cohort={cohort} steps={a.steps} batch={a.batch} "
-              f"uplink={a.uplink} chunk={a.chunk} " +
+              f"uplink={a.uplink} chunk={a.chunk} conv={a.conv_impl} " +
               " ".join(f"{s}={rate[s]:.1f} clients/s" for s in sides))
       if "fc" in rate and "fj" in rate:
         line += f" ratio fc/fj={rate['fc'] / rate['fj']:.2f}x"
