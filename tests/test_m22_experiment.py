@@ -85,15 +85,19 @@ def test_fit_kwargs_follow_the_variant():
     probe.kept_fit({"w": jnp.ones(10)}, bits=1, top_fraction=None, family="laplace")
 
 
-@pytest.mark.slow  # a tiny sweep plus replays: ~1-2 min on 2 cores
+@pytest.mark.slow  # a tiny sweep (16 runs) plus 5 replays: ~3 min CPU, 7.5 min on 2 busy cores
 def test_m22_experiment_logs_probe_columns(tmp_path):
   from experiments.m22 import run  # pylint: disable=import-outside-toplevel
   run.main(["--workdir", str(tmp_path), "--rounds", "2", "--hidden", "4", "--lloyd-iters", "5",
-            "--bits", "1", "--server-lrs", "1,2"])
+            "--bits", "1", "--server-lrs", "2,1"])  # first lr != 1: labels untagged
   with open(os.path.join(tmp_path, "summary.json")) as f:
     out = json.load(f)
   by = {r["method"]: r for r in out["rows"]}
   assert not [r for r in out["rows"] if "error" in r]
+  assert not [m for m in by if "@lr" in m]                 # one untagged row per method
+  for s in out["rows"]:                                    # the tuned lr is the best one
+    assert s["best_acc"] == max(s["best_acc_by_lr"].values())
+    assert set(s["best_acc_by_lr"]) == {"1", "2"}
   for name in ("uniform R=1", "M22 R=1 gennorm M=0", "M22 R=1 weibull M=2"):
     s = by[name]
     assert s["probe_final_acc"] == pytest.approx(s["final_acc"], abs=1e-6)  # same trajectory
@@ -103,4 +107,6 @@ def test_m22_experiment_logs_probe_columns(tmp_path):
     with open(os.path.join(tmp_path, "runs", s["run"], "probe.jsonl")) as f:
       rows = [json.loads(line) for line in f]
     assert [r["round"] for r in rows] == [1, 2] and "fit_shape" in rows[0]
+    assert len(rows[0]["leaf_cos"]) == 1                   # one leaf: whole model = the leaf
+    assert -1 <= rows[0]["leaf_cos"][0] <= 1 and rows[0]["leaf_len_ratio"][0] > 0
   assert "fit_shape_mean" not in by["QSGD s=1 (2 bit)"]

@@ -10,7 +10,9 @@ round sends (same cohort, local training and keys as `federated.build_round`), a
     the mean number of kept entries. Uniform rows get the GenNorm fit of their kept entries.
   - `cos = <g^, g>/(|g^| |g|)` and `len_ratio = |g^|/|g|`, with `g = sum_c w_c delta_c` the
     true (uncompressed) aggregate and `g^ = sum_c w_c decode(encode(delta_c))` the one the
-    server applies (`w` = normalized cohort weights); `client_cos` = `sum_c w_c cos(g^_c, delta_c)`.
+    server applies (`w` = normalized cohort weights); `client_cos` = `sum_c w_c cos(g^_c, delta_c)`;
+    `leaf_cos[l]`, `leaf_len_ratio[l]`: the same per quantized leaf (per-layer levels can
+    rescale layers differently, which turns the whole-model direction).
     The server step is `lr g^`, so a weight exponent `M` that only rescales `g^` changes
     `len_ratio` and not `cos`: tuning the server lr per row absorbs it.
 
@@ -122,11 +124,17 @@ def build_probe(config: Any, exp: runner.Experiment, fit_kwargs: Optional[dict]
     w = w / jnp.maximum(jnp.sum(w), 1e-30)
     mean = lambda t: jax.tree.map(lambda x: jnp.tensordot(w, jnp.where(
         jnp.isfinite(x), x, 0.0).astype(jnp.float32), axes=1), t)
-    cos, ratio = direction_stats(mean(delta), mean(dec))
+    g, g_hat = mean(delta), mean(dec)
+    cos, ratio = direction_stats(g, g_hat)
     out = dict(cos=cos, len_ratio=ratio, client_cos=jnp.dot(w, ccos))
     if fit_kwargs is not None:
       shape, scale, kept = fit
       out.update(fit_shape=w @ shape, fit_scale=w @ scale, fit_kept=w @ kept)
+      big = [(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_hat))
+             if a.size >= fit_kwargs.get("min_layer_size", 1000)]   # the quantized leaves
+      per = [direction_stats(a, b) for a, b in big]
+      out.update(leaf_cos=jnp.stack([c for c, _ in per]) if per else jnp.zeros((0,)),
+                 leaf_len_ratio=jnp.stack([r for _, r in per]) if per else jnp.zeros((0,)))
     return out
 
   return probe
@@ -180,7 +188,7 @@ def summarize(rows: list[dict]) -> dict:
   for k in ("cos", "len_ratio", "client_cos"):
     out[f"{k}_mean"] = float(np.mean([r[k] for r in rows]))
   if "fit_shape" in rows[0]:
-    for k in ("fit_shape", "fit_scale", "fit_kept"):
+    for k in ("fit_shape", "fit_scale", "fit_kept", "leaf_cos", "leaf_len_ratio"):
       out[f"{k}_mean"] = [float(v) for v in np.mean([r[k] for r in rows], axis=0)]
     out["fit_shape_first"], out["fit_shape_last"] = rows[0]["fit_shape"], rows[-1]["fit_shape"]
   return out

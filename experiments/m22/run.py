@@ -103,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   for s, lr, v in zip(summaries, [lr for lr, g in zip(lrs, grid) for _ in g], flat):
     s["server_lr"], s["run"] = lr, v.label
   by_run = {v.label: v for v in flat}
-  labels = [x.label for x in grid[0]]
+  labels = [x.label for x in variants(a.lloyd_iters, 1.0, bits)]  # untagged, grid order
   acc_by_lr: dict[str, dict[str, Any]] = {}
   for s, label in zip(summaries, labels * len(lrs)):
     acc_by_lr.setdefault(label, {})[f"{s['server_lr']:g}"] = s.get("best_acc")
