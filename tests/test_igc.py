@@ -589,9 +589,8 @@ GPT2_SMALL = 124_439_808
                                   "static_down", "k_down"])
 def test_encode_temporaries_at_gpt2_small(name):
   """Issue 11.4: every IGC encode of a 124.4M-parameter update (3 leaves) needs <= 2 GiB of
-  temporaries (XLA memory analysis on abstract inputs, d = 10^4), except the static
-  downlink's (server side, once per round): XLA inlines its one-map CG loop body and keeps
-  ~9 instead of ~4 D-sized buffers live, 4.3 GiB."""
+  temporaries (XLA memory analysis on abstract inputs, d = 10^4), the downlinks' CG solves
+  included (blocked Gram operator: measured 0.47 GiB each, the raveled update)."""
   d = 10_000
   c = {"static": lambda: C.intrinsic_static(d), "k_subspace": lambda: C.intrinsic_k_subspace(d, 3),
        "cyclic": lambda: C.intrinsic_k_subspace(d, 3, schedule="cyclic"),
@@ -603,8 +602,7 @@ def test_encode_temporaries_at_gpt2_small(name):
   state = jax.eval_shape(lambda: c.init({k: jnp.zeros((n,)) for k, n in sizes.items()})[0])
   mem = jax.jit(lambda g, s: c.encode(g, s, _keys(0))).lower(like, state).compile()
   mem = mem.memory_analysis()
-  limit = 4.5 if name == "static_down" else 2.0
-  assert mem.temp_size_in_bytes <= limit * 2**30, mem.temp_size_in_bytes / 2**30
+  assert mem.temp_size_in_bytes <= 2 * 2**30, mem.temp_size_in_bytes / 2**30
 
 
 @pytest.mark.slow
