@@ -39,7 +39,7 @@ from fedjax_compress._src import checks
 from fedjax_compress._src.base import Compressor, Field, stateless_init
 from fedjax_compress._src.combinators import flattened
 from fedjax_compress.compressors._quantize import hash_uniform
-from fedjax_compress.compressors._rotated import _safe_div, _times
+from fedjax_compress.compressors._rotated import _safe_div, _times, scaled_decoders
 from fedjax_compress.compressors._rotated import per_tensor as _per_tensor
 from fedjax_compress.ops import fwht
 from fedjax_compress.ops._hadamard import next_power_of_two
@@ -169,24 +169,8 @@ def kashin(bits: int = 2, *, redundancy: float = 2.0, iterations: int = 5,
   def values(p):
     return p["scale"].data, p["index"].data.astype(jnp.float32) * (2.0 / top) - 1.0
 
-  def _out(scale, v, key, size):
-    fr = _frame(key, size)
-    return _times(fr.synthesis(v), scale[:, None]).reshape(-1)[:size]
-
-  def decode_fn(payload, state, keys, like):
-    checks.check_keys(keys)
-    scale, v = values(payload)
-    return checks.cast_finite(_out(scale, v, keys.shared, like.shape[0]), like.dtype), state
-
-  def aggregate_fn(payloads, weights, keys, like):
-    checks.check_keys(keys)
-    scale, v = jax.vmap(values)(payloads)                      # [C, nb], [C, nb, N]
-    ws = weights.astype(jnp.float32)[:, None] * scale
-    big = jnp.max(jnp.abs(ws), axis=0, initial=0.0)            # factored out: no overflow
-    v = jnp.einsum("cn,cnb->nb", _safe_div(ws, big[None, :]), v)
-    big = jnp.where(jnp.all(jnp.isfinite(ws), axis=0), big, jnp.nan)
-    return checks.cast_finite(_out(big, v, keys.shared, like.shape[0]), like.dtype)
-
+  decode_fn, aggregate_fn = scaled_decoders(
+      values, lambda v, key, size: _frame(key, size).synthesis(v))
   codec = Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
   return _per_tensor(codec) if per_tensor else flattened(codec)
 

@@ -80,14 +80,26 @@ def _rotated_codec(encode_blocks: Callable, values: ValuesFn, block_size: int) -
     y, m = _blocks(vec, block_size)
     return encode_blocks(y, m, rotate(y, keys.shared), keys), state
 
-  def _out(scale, v, key, size):
-    out = _times(unrotate(v, key), scale[:, None])
-    return out.reshape(-1)[:size]
+  decode_fn, aggregate_fn = scaled_decoders(values, lambda v, key, size: unrotate(v, key))
+  return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
+
+
+def scaled_decoders(values: ValuesFn, inverse: Callable[[jax.Array, jax.Array, int], jax.Array]):
+  """`(decode_fn, aggregate_fn)` of a vector codec whose message is `scale[:, None] * v`
+  in a shared-key domain, mapped back by `inverse(v, keys.shared, size) -> [nb, B']`
+  (`size`: the vector's length).
+
+  `aggregate` sums `sum_c w_c scale_c v_c` in that domain and inverts once; the weighted
+  scales are divided by their largest magnitude per block first, so the sum cannot overflow.
+  """
+
+  def out(scale, v, key, size):
+    return _times(inverse(v, key, size), scale[:, None]).reshape(-1)[:size]
 
   def decode_fn(payload, state, keys, like):
     checks.check_keys(keys)
     scale, v = values(payload)
-    return checks.cast_finite(_out(scale, v, keys.shared, like.shape[0]), like.dtype), state
+    return checks.cast_finite(out(scale, v, keys.shared, like.shape[0]), like.dtype), state
 
   def aggregate_fn(payloads, weights, keys, like):
     checks.check_keys(keys)
@@ -96,9 +108,9 @@ def _rotated_codec(encode_blocks: Callable, values: ValuesFn, block_size: int) -
     top = jnp.max(jnp.abs(ws), axis=0, initial=0.0)            # factored out: no overflow
     v = jnp.einsum("cn,cnb->nb", _safe_div(ws, top[None, :]), v)
     top = jnp.where(jnp.all(jnp.isfinite(ws), axis=0), top, jnp.nan)
-    return checks.cast_finite(_out(top, v, keys.shared, like.shape[0]), like.dtype)
+    return checks.cast_finite(out(top, v, keys.shared, like.shape[0]), like.dtype)
 
-  return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
+  return decode_fn, aggregate_fn
 
 
 def per_tensor(inner: Compressor) -> Compressor:
