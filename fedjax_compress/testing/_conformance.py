@@ -325,17 +325,23 @@ def check_lossless(h) -> None:
     assert_trees_close(decoded, g, rtol=0, atol=0, what="lossless")
 
 
+def _cohort_payloads(h, num_clients: int):
+  """`(r0, keys, payloads)`: one vmapped round of `num_clients` clients from fresh states."""
+  s0, r0 = h.init()
+  g = jax.tree.map(lambda *xs: jnp.stack(xs), *[h.updates(c_) for c_ in range(num_clients)])
+  keys = round_keys(jax.random.key(h.seed), 0, jnp.arange(num_clients))
+  _, _, _, payloads = h.step_vmap(g, _stack(s0, num_clients), _stack(r0, num_clients), keys,
+                                  h.params)
+  return r0, keys, payloads
+
+
 def check_aggregate(h, num_clients: int = 5, linear: bool = True) -> None:
   """`aggregate` has the decoded avals and, if `linear`, == sum_c w_c decode(payload_c)."""
   h = harness(h)
   c = h.compressor
   if c.aggregate is None:
     return
-  s0, r0 = h.init()
-  g = jax.tree.map(lambda *xs: jnp.stack(xs), *[h.updates(c_) for c_ in range(num_clients)])
-  keys = round_keys(jax.random.key(h.seed), 0, jnp.arange(num_clients))
-  _, _, _, payloads = h.step_vmap(g, _stack(s0, num_clients), _stack(r0, num_clients), keys,
-                                  h.params)
+  r0, keys, payloads = _cohort_payloads(h, num_clients)
   weights = jnp.linspace(0.5, 1.5, num_clients, dtype=jnp.float32) / num_clients
   got = jax.jit(c.aggregate)(payloads, weights, keys, h.like)
   assert_same_avals(got, h.like, "aggregate")
@@ -356,11 +362,7 @@ def check_reduce(h, num_clients: int = 5, linear: bool = True) -> None:
   c = h.compressor
   if c.reduce is None:
     return
-  s0, r0 = h.init()
-  g = jax.tree.map(lambda *xs: jnp.stack(xs), *[h.updates(c_) for c_ in range(num_clients)])
-  keys = round_keys(jax.random.key(h.seed), 0, jnp.arange(num_clients))
-  _, _, _, payloads = h.step_vmap(g, _stack(s0, num_clients), _stack(r0, num_clients), keys,
-                                  h.params)
+  r0, keys, payloads = _cohort_payloads(h, num_clients)
   weights = jnp.linspace(0.5, 1.5, num_clients, dtype=jnp.float32)
   whole = jax.jit(c.reduce)(payloads, weights)
   split = 2
