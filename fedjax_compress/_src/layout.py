@@ -121,3 +121,81 @@ def num_params(tree: Any) -> int:
 def zeros_like_f32(tree: Any) -> Any:
   """float32 zeros with `tree`'s structure and shapes."""
   return jax.tree.map(lambda x: jnp.zeros(np.shape(x), jnp.float32), tree)
+
+
+# ------------------------------------------------------------------ global indices, no ravel
+#
+# Whole-model codecs address coordinates by their index `i` in `ravel(tree)`. Materialising
+# that vector costs several memory passes on XLA:CPU; the helpers below read and write the
+# leaves in place instead (each leaf's 1-D view is a free reshape).
+
+
+def flat_leaves(tree: Any, dtype=jnp.float32) -> list[jax.Array]:
+  """The leaves (pytree order) as 1-D arrays of `dtype`: the pieces of `ravel(tree)`."""
+  return [jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)]
+
+
+def leaf_offsets(tree_or_sizes: Any) -> tuple[int, ...]:
+  """Static start of each leaf in `ravel(tree)` (or of each size in a list of ints)."""
+  if isinstance(tree_or_sizes, (list, tuple)) and all(
+      isinstance(n, (int, np.integer)) for n in tree_or_sizes):
+    sizes = [int(n) for n in tree_or_sizes]
+  else:
+    sizes = [int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree_or_sizes)]
+  return tuple(np.cumsum([0] + sizes[:-1]).tolist()) if sizes else ()
+
+
+def _local(idx: jax.Array, offset: int, size: int) -> tuple[jax.Array, jax.Array]:
+  """(in-leaf index, in-range mask) of global uint32 indices for a leaf at `offset`."""
+  local = idx.astype(jnp.uint32) - jnp.uint32(offset)  # wraps below the leaf: out of range
+  inside = local < jnp.uint32(size)
+  if size < 2**31:
+    local = local.astype(jnp.int32)
+  return local, inside
+
+
+def take(leaves: list[jax.Array], idx: jax.Array) -> jax.Array:
+  """`concatenate(leaves)[idx]` for 1-D `leaves` without concatenating (0 out of range).
+
+  One gather per non-empty leaf of all of `idx` (`len(idx) * #leaves` work, no pass over D).
+  """
+  out = None
+  for x, o in zip(leaves, leaf_offsets([int(x.shape[0]) for x in leaves])):
+    n = int(x.shape[0])
+    if n == 0:
+      continue
+    local, inside = _local(idx, o, n)
+    v = jnp.where(inside, x[jnp.where(inside, local, 0)], jnp.zeros((), x.dtype))
+    out = v if out is None else jnp.where(inside, v, out)
+  if out is None:
+    dtype = leaves[0].dtype if leaves else jnp.float32
+    return jnp.zeros(jnp.shape(idx), dtype)
+  return out
+
+
+def scatter_add(like: Any, idx: jax.Array, values: jax.Array) -> Any:
+  """float32 pytree shaped like `like`: zeros plus `values` added at global indices `idx`.
+
+  Equals `unraveler(like)(zeros(D).at[idx].add(values))` in float32 (same order of the
+  additions), written leaf by leaf; indices outside `[0, D)` are dropped.
+  """
+  leaves, treedef = jax.tree.flatten(like)
+  shapes = [np.shape(x) for x in leaves]
+  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+  idx = jnp.reshape(idx, (-1,))
+  values = jnp.reshape(values, (-1,)).astype(jnp.float32)
+  out = []
+  for s, n, o in zip(shapes, sizes, leaf_offsets(sizes)):
+    if n == 0:
+      out.append(jnp.zeros(s, jnp.float32))
+      continue
+    local, inside = _local(idx, o, n)
+    local = jnp.where(inside, local, n)  # n: dropped
+    out.append(jnp.zeros((n,), jnp.float32).at[local].add(values, mode="drop").reshape(s))
+  return jax.tree.unflatten(treedef, out)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Scalar bool: every entry of every leaf is finite (per-leaf reductions, no ravel)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if np.size(x)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)

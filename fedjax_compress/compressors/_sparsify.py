@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_compress._src import bits as _bits
-from fedjax_compress._src import checks
+from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
-from fedjax_compress._src.combinators import flattened
 
 MAX_SIZE = 2**32 - 1
 """Largest model the sparsifiers address (uint32 indices)."""
@@ -56,7 +55,7 @@ def magnitude_keys(vec: jax.Array) -> jax.Array:
 
 SAMPLE = 1 << 15
 """Sample size of `top_indices`' threshold estimate (vectors above `4 * SAMPLE` elements)."""
-_ROW = 32  # row length of the candidate compaction
+_ROW = 32  # row length of the candidate compaction (one uint32 bit mask per row)
 
 
 def top_indices(vec: jax.Array, k: int, *, sample: int = SAMPLE) -> jax.Array:
@@ -65,85 +64,225 @@ def top_indices(vec: jax.Array, k: int, *, sample: int = SAMPLE) -> jax.Array:
   Small vectors (`<= 4 sample` elements) or `k > D/4` use `lax.top_k` (on XLA:CPU it costs
   hundreds of memory passes at D = 10M). Otherwise `_threshold_select`: exact, same result.
   """
+  return top_indices_of([vec], k, sample=sample)
+
+
+def top_indices_of(parts: list[jax.Array], k: int, *, sample: int = SAMPLE) -> jax.Array:
+  """`top_indices(concatenate(parts), k)` without concatenating the 1-D `parts`.
+
+  Indices address the concatenation; each part is read in place (a model's leaves).
+  """
   if k == 0:
     return jnp.zeros((0,), jnp.uint32)
-  keys = magnitude_keys(vec)
-  n = keys.shape[0]
+  parts = [p for p in parts if int(p.shape[0])]
+  n = sum(int(p.shape[0]) for p in parts)
   if n <= 4 * sample or 4 * k > n:
+    keys = magnitude_keys(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
     _, idx = jax.lax.top_k(keys, k)  # lax.top_k: equal keys lower index first
     return jnp.sort(idx.astype(jnp.uint32))
-  return _threshold_select(keys, k, sample)
+  return _threshold_select(parts, k, sample)
 
 
 def _excl_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
   return jnp.cumsum(x, axis=axis) - x
 
 
-def _threshold_select(keys: jax.Array, k: int, sample: int) -> jax.Array:
-  """Exact top-`k` of int32 `keys` (ties: lowest index) in a few passes, no full sort.
+def _popcount(w: jax.Array) -> jax.Array:
+  return jax.lax.population_count(w).astype(jnp.int32)
+
+
+def _select_bit(word: jax.Array, q: jax.Array) -> jax.Array:
+  """uint32 position of the `q`-th (0-based) set bit of uint32 `word` (`q < popcount`)."""
+  pos = jnp.zeros(jnp.shape(word), jnp.uint32)
+  q = q.astype(jnp.int32)
+  for width in (16, 8, 4, 2, 1):  # binary search: is the bit above the low `width` bits?
+    low = _popcount(word & jnp.uint32((1 << width) - 1))
+    up = q >= low
+    q = jnp.where(up, q - low, q)
+    word = jnp.where(up, word >> width, word)
+    pos = pos + jnp.where(up, jnp.uint32(width), jnp.uint32(0))
+  return pos
+
+
+def _lowest_bits(word: jax.Array, count: jax.Array) -> jax.Array:
+  """The lowest `count` set bits of uint32 `word` (all of them if it has fewer)."""
+  pc = _popcount(word)
+  below = jnp.uint32(1) << _select_bit(word, jnp.clip(count, 0, jnp.maximum(pc - 1, 0)))
+  return jnp.where(count >= pc, word, word & (below - 1))
+
+
+def _row_masks(parts: list[jax.Array], preds) -> list[jax.Array]:
+  """Per row of `_ROW` keys (each part cut into whole rows), the bit mask of each predicate.
+
+  `preds`: functions `int32 keys -> bool`. One fused read of the parts (the keys are
+  computed on the fly); a part's short last row is padded with key -1. uint32 `[rows]`.
+  """
+  def pack(bits):  # bool [rows, 32] -> uint32 [rows]; bytes first (a fast reduce on CPU)
+    lanes = jax.lax.iota(jnp.uint32, 8)[None, None, :]
+    b = jnp.sum(bits.astype(jnp.uint32).reshape(-1, 4, 8) << lanes, axis=2, dtype=jnp.uint32)
+    return jnp.sum(b << (8 * jax.lax.iota(jnp.uint32, 4))[None, :], axis=1, dtype=jnp.uint32)
+
+  out = [[] for _ in preds]
+  for p in parts:  # whole rows read in place (no padded copy of the part)
+    n = int(p.shape[0])
+    full = n // _ROW
+    pieces = [magnitude_keys(p[:full * _ROW]).reshape(full, _ROW)] if full else []
+    if n > full * _ROW:
+      tail = jnp.pad(magnitude_keys(p[full * _ROW:]), (0, (full + 1) * _ROW - n),
+                     constant_values=-1)
+      pieces.append(tail.reshape(1, _ROW))
+    for kp in pieces:
+      for o, pred in zip(out, preds):
+        o.append(pack(pred(kp)))
+  return [xs[0] if len(xs) == 1 else jnp.concatenate(xs) for xs in out]
+
+
+def _set_bits(words: jax.Array, sizes: list[int], cap: int) -> tuple[jax.Array, jax.Array]:
+  """uint32 indices (into the concatenated parts) of the first `cap` set bits, in order; valid.
+
+  Slot `j` finds its row by a search of the running popcounts and its lane as the `q`-th
+  set bit of the row's word: no row of keys is gathered. Invalid slots hold `sum(sizes)`.
+  """
+  cnt = _popcount(words)
+  rows = int(cnt.shape[0])
+  off = jnp.cumsum(cnt)
+  j = jax.lax.iota(jnp.int32, cap)
+  row = jnp.minimum(jnp.searchsorted(off, j, side="right"), rows - 1).astype(jnp.int32)
+  lane = _select_bit(words[row], j - (off[row] - cnt[row]))  # q: rank of slot j in its row
+  # Row -> (part, row in part) -> index in the concatenation (static part boundaries).
+  part_rows = [-(-n // _ROW) for n in sizes]
+  row_start = np.cumsum([0] + part_rows[:-1])
+  elem_start = np.cumsum([0] + sizes[:-1])
+  base = jnp.zeros((cap,), jnp.uint32)
+  for rs, es in zip(row_start[1:], elem_start[1:]):  # rows past each boundary shift on
+    base = jnp.where(row >= int(rs), jnp.uint32((int(es) - int(rs) * _ROW) % 2**32), base)
+  idx = base + row.astype(jnp.uint32) * jnp.uint32(_ROW) + lane
+  valid = j < off[-1]
+  return jnp.where(valid, idx, jnp.uint32(sum(sizes))), valid
+
+
+def _sample_keys(parts: list[jax.Array], sample: int) -> jax.Array:
+  """Sorted keys at the strided positions `i (D // sample)`, `i < sample`."""
+  n = sum(int(p.shape[0]) for p in parts)
+  idx = jnp.asarray(np.arange(sample, dtype=np.int64) * (n // sample), jnp.uint32)
+  return jnp.sort(magnitude_keys(layout.take(parts, idx)))
+
+
+def kth_largest_key(parts: list[jax.Array], k: int, *, sample: int = SAMPLE
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(T, #{key > T}, #{key == T})` for the `k`-th largest of `magnitude_keys(concatenate(parts))`.
+
+  For any `1 <= k <= D`, in a few passes: a sampled window `[lo, hi]` of keys (the sample's
+  rank of `k` plus and minus 4 standard deviations), one fused pass for the window's row
+  masks and `G = #{key > hi}`, the `<= cap` window keys compacted (`_set_bits`) and sorted;
+  `T` is the `(k - G)`-th largest of them. When the window misses (`G >= k`,
+  `G + |window| < k` or `|window| > cap`, rare) `T` is found by bisection on the count
+  `#{key >= t}` (31 passes). Exact in every case.
+  """
+  sizes = [int(p.shape[0]) for p in parts]
+  n = sum(sizes)
+  if n <= 4 * sample:
+    keys = magnitude_keys(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+    t = jax.lax.top_k(keys, k)[0][k - 1]
+    return t, jnp.sum(keys > t, dtype=jnp.int32), jnp.sum(keys == t, dtype=jnp.int32)
+  stride = n // sample
+  r = k * sample / n                                   # expected sample rank of T
+  margin = 4.0 * math.sqrt(r * max(1.0 - r / sample, 0.0)) + 8.0
+  # The window spans ~2 margin + 2 sample gaps; its count fluctuates by ~sqrt(gaps) gaps.
+  cap = min(n, math.ceil(1.5 * (2.0 * margin + 2.0) * stride) + 64)
+  sk = _sample_keys(parts, sample)
+  top, bottom = math.floor(r - margin), math.ceil(r + margin)  # sample ranks from the top
+  hi = sk[sample - 1 - top] if top >= 0 else jnp.int32(0x7FFFFFFF)
+  lo = sk[sample - 1 - bottom] if bottom <= sample - 1 else jnp.int32(0)
+  above, window = _row_masks(parts, [lambda kp: kp > hi, lambda kp: (kp >= lo) & (kp <= hi)])
+  g = jnp.sum(_popcount(above))
+  w = jnp.sum(_popcount(window))
+  ok = (g < k) & (g + w >= k) & (w <= cap)
+
+  def from_window(_):
+    idx, valid = _set_bits(window, sizes, cap)
+    keys = jnp.sort(jnp.where(valid, magnitude_keys(layout.take(parts, idx)), -1))
+    t = keys[cap - (k - g)]
+    return t, g + jnp.sum(keys > t, dtype=jnp.int32), jnp.sum(keys == t, dtype=jnp.int32)
+
+  def bisect(_):
+    def count_ge(t):
+      return sum(jnp.sum(magnitude_keys(p) >= t, dtype=jnp.int32) for p in parts)
+
+    def body(_, c):  # T in [a, b]: count_ge(a) >= k
+      a, b = c
+      mid = a + (b - a) // 2 + (b - a) % 2  # upper middle, no int32 overflow
+      up = count_ge(mid) >= k
+      return jnp.where(up, mid, a), jnp.where(up, b, mid - 1)
+
+    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7FFFFFFF)))
+    count = lambda f: sum(jnp.sum(f(magnitude_keys(p)), dtype=jnp.int32) for p in parts)
+    return t, count(lambda x: x > t), count(lambda x: x == t)
+
+  return jax.lax.cond(ok, from_window, bisect, None)
+
+
+def _threshold_select(parts: list[jax.Array], k: int, sample: int) -> jax.Array:
+  """Exact top-`k` of `magnitude_keys(concatenate(parts))` (ties: lowest index), no sort of D.
 
   1. A threshold `t` from a strided sample of `sample` keys, set a few standard deviations
      below the sample's top-`k D/sample` quantile.
-  2. One pass counts, per row of `_ROW` keys, `G_r = #{key > t}` and `E_r = #{key == t}`.
-     `t` is valid when `G + E >= k` (all of the top `k` are `>= t`) and `G <= cap` (static
+  2. One fused pass builds, per row of `_ROW` keys (rows never straddle two parts), the bit
+     masks of `key > t` and `key == t`; their popcounts `G_r`, `E_r`. `t` is valid when
+     `G + E >= k` (all of the top `k` are `>= t`) and `G <= cap` (static
      `cap ~ k + 2 margin`); otherwise `t` is bisected over the key range (a `while_loop`,
-     one counting pass per step, normally no step; `t = T`, the `k`-th largest key, is
-     always valid, so it terminates within 31 steps).
+     one pass per step, normally no step; `t = T`, the `k`-th largest key, is always
+     valid, so it terminates within 31 steps).
   3. The `m = min(G + E, cap)` candidates (`key > t`, then the lowest-index ties) are
-     compacted in index order from the row counts (each output slot gathers its row).
+     compacted in index order from the row counts: output slot `j` finds its row by a
+     search of the running counts and its lane as the `q`-th set bit of the row's mask
+     (no row is gathered; one key per slot is read back from the parts).
   4. The `k`-th largest candidate `T` and the lowest-index ties at `T` give the result.
   """
-  n = keys.shape[0]
+  sizes = [int(p.shape[0]) for p in parts]
+  n = sum(sizes)
   stride = n // sample
   r = k * sample / n
   margin = 4.0 * math.sqrt(r) + 8.0
   rank = min(sample - 1, math.ceil(r + margin))
   cap = min(n, k + math.ceil(2.0 * margin * stride) + 64)
-  t0 = jnp.sort(keys[::stride][:sample])[sample - 1 - rank]
-
-  rows = -(-n // _ROW)
-  kp = jnp.pad(keys, (0, rows * _ROW - n), constant_values=-1).reshape(rows, _ROW)
-
-  def counts(t):
-    return (jnp.sum(kp > t, axis=1, dtype=jnp.int32), jnp.sum(kp == t, axis=1, dtype=jnp.int32))
+  t0 = _sample_keys(parts, sample)[sample - 1 - rank]
 
   def bad(c):
-    _, _, t, gt, eq = c
-    total = jnp.sum(gt) + jnp.sum(eq)
-    return (total < k) | (jnp.sum(gt) > cap)
+    _, _, t, gw, ew = c
+    g = jnp.sum(_popcount(gw))
+    return (g + jnp.sum(_popcount(ew)) < k) | (g > cap)
 
   def step(c):
-    lo, hi, t, gt, eq = c
-    few = jnp.sum(gt) + jnp.sum(eq) < k  # t above T: lower it
+    lo, hi, t, gw, ew = c
+    few = jnp.sum(_popcount(gw)) + jnp.sum(_popcount(ew)) < k  # t above T: lower it
     lo, hi = jnp.where(few, lo, t + 1), jnp.where(few, t - 1, hi)
     t = lo + (hi - lo) // 2
-    return (lo, hi, t) + counts(t)
+    return (lo, hi, t) + masks(t)
 
-  init = (jnp.int32(0), jnp.int32(0x7FFFFFFF), t0) + counts(t0)
-  _, _, t, gt, eq = jax.lax.while_loop(bad, step, init)
+  def masks(t):
+    return tuple(_row_masks(parts, [lambda kp: kp > t, lambda kp: kp == t]))
 
+  init = (jnp.int32(0), jnp.int32(0x7FFFFFFF), t0) + masks(t0)
+  # The loop sits in a cond so XLA's loop-invariant hoisting (keys of D materialised as
+  # loop state) costs only when a bisection step is needed.
+  _, _, t, gw, ew = jax.lax.cond(bad(init), lambda c: jax.lax.while_loop(bad, step, c),
+                                 lambda c: c, init)
+
+  gt, eq = _popcount(gw), _popcount(ew)
   g = jnp.sum(gt)
   m = jnp.minimum(g + jnp.sum(eq), cap)
-  take_eq = jnp.clip(m - g - _excl_cumsum(eq), 0, eq)  # ties taken per row, lowest first
-  sel = gt + take_eq
-  off = jnp.cumsum(sel)
-  j = jax.lax.iota(jnp.int32, cap)
-  row = jnp.minimum(jnp.searchsorted(off, j, side="right"), rows - 1).astype(jnp.int32)
-  q = j - (off[row] - sel[row])  # rank of slot j inside its row
-  rk = kp[row]  # (cap, _ROW)
-  tie = rk == t
-  mask = (rk > t) | (tie & (_excl_cumsum(tie.astype(jnp.int32), 1) < take_eq[row][:, None]))
-  pos = jnp.argmax(jnp.cumsum(mask, axis=1, dtype=jnp.int32) > q[:, None], axis=1)
-  valid = j < m
-  cidx = jnp.where(valid, row * _ROW + pos.astype(jnp.int32), n)
-  ckey = jnp.where(valid, jnp.take_along_axis(rk, pos[:, None], axis=1)[:, 0], -1)
+  take_eq = jax.lax.cond(  # ties taken per row, lowest first (all of them, usually)
+      m - g >= jnp.sum(eq), lambda: eq, lambda: jnp.clip(m - g - _excl_cumsum(eq), 0, eq))
+  cidx, valid = _set_bits(gw | _lowest_bits(ew, take_eq), sizes, cap)
+  ckey = jnp.where(valid, magnitude_keys(layout.take(parts, cidx)), -1)
 
   big = jnp.sort(ckey)[cap - k]  # the k-th largest key
   gt2 = ckey > big
   eq2 = ckey == big
   final = gt2 | (eq2 & (_excl_cumsum(eq2.astype(jnp.int32)) < k - jnp.sum(gt2)))
   (slots,) = jnp.nonzero(final, size=k, fill_value=0)
-  return cidx[slots].astype(jnp.uint32)
+  return cidx[slots]
 
 
 def top_k(k: Optional[int] = None, *, fraction: Optional[float] = None) -> Compressor:
@@ -166,25 +305,49 @@ def top_k(k: Optional[int] = None, *, fraction: Optional[float] = None) -> Compr
   """
   k, fraction = _resolve_k(k, fraction)
 
-  def encode_fn(vec, state, keys, params=None):
+  def encode_fn(updates, state, keys, params=None):
     del keys, params
-    checks.check_finite(vec)
-    size = vec.shape[0]
-    idx = top_indices(vec, _static_k(k, fraction, size))
-    return {"values": Field(vec[idx].astype(jnp.float32), 32),
-            "indices": Field(idx, _bits.index_bits(size))}, state
+    checks.check_finite(updates)
+    parts = layout.flat_leaves(updates)  # the pieces of ravel(updates), read in place
+    size = sum(int(x.shape[0]) for x in parts)
+    idx = top_indices_of(parts, _static_k(k, fraction, size))
+    payload = {"values": Field(layout.take(parts, idx), 32),
+               "indices": Field(idx, _bits.index_bits(size))}
+    return layout.stamp(payload, updates), state
+
+  def decode_coords(payload, keys, size):
+    return payload["indices"].data, payload["values"].data
+
+  def aggregate_coords(payloads, weights, keys, size):
+    return payloads["indices"].data, payloads["values"].data * weights[:, None]
+
+  return _global_sparse(encode_fn, decode_coords, aggregate_coords)
+
+
+def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
+  """Stateless whole-model sparse codec from its encoder and the `(indices, values)` to add.
+
+  `decode_coords(payload, keys, D)` and `aggregate_coords(payloads, weights, keys, D)`
+  (batched payloads, values already weighted) give global indices into `ravel(like)` and
+  float32 values. As `flattened` (payloads stamped by `encode_fn`, `like` checked, decoded
+  in float32 and cast leaf by leaf with `checks.cast_finite`) but without raveling: the
+  values are added into the leaves in place (`layout.scatter_add`, one write of D).
+  """
+
+  def unravel(like, tree32):
+    return jax.tree.map(lambda v, l: checks.cast_finite(v, jnp.result_type(l)), tree32, like)
 
   def decode_fn(payload, state, keys, like):
-    del keys
-    out = _scatter_sum(payload["values"].data, payload["indices"].data, like.shape[0])
-    return out.astype(like.dtype), state
+    payload = layout.unstamp(payload, like)
+    idx, vals = decode_coords(payload, keys, layout.num_params(like))
+    return unravel(like, layout.scatter_add(like, idx, vals)), state
 
   def aggregate_fn(payloads, weights, keys, like):
-    del keys
-    vals = payloads["values"].data * weights[:, None]
-    return _scatter_sum(vals, payloads["indices"].data, like.shape[0]).astype(like.dtype)
+    payloads = layout.unstamp(payloads, like)
+    idx, vals = aggregate_coords(payloads, weights, keys, layout.num_params(like))
+    return unravel(like, layout.scatter_add(like, idx, vals))
 
-  return flattened(Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn))
+  return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
 
 
 def strata(size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -246,22 +409,21 @@ def random_k(k: Optional[int] = None, *, fraction: Optional[float] = None,
     checks.check_keys(keys)
     return keys.shared if shared_mask else keys.private
 
-  def encode_fn(vec, state, keys, params=None):
+  def encode_fn(updates, state, keys, params=None):
     del params
-    checks.check_finite(vec)
-    idx, _ = _indices(_key(keys), vec.shape[0])
-    poison = jnp.where(jnp.all(jnp.isfinite(vec)), 0.0, jnp.nan)
-    return {"values": Field(vec[idx].astype(jnp.float32) + poison, 32)}, state
+    checks.check_finite(updates)
+    parts = layout.flat_leaves(updates)
+    idx, _ = _indices(_key(keys), sum(int(x.shape[0]) for x in parts))
+    poison = jnp.where(layout.all_finite(parts), 0.0, jnp.nan)
+    payload = {"values": Field(layout.take(parts, idx) + poison, 32)}
+    return layout.stamp(payload, updates), state
 
-  def decode_fn(payload, state, keys, like):
-    size = like.shape[0]
+  def decode_coords(payload, keys, size):
     idx, scale = _indices(_key(keys), size)
     vals = payload["values"].data
-    out = _scatter_sum(checks.saturate(vals * scale, jnp.isfinite(vals)), idx, size)
-    return out.astype(like.dtype), state
+    return idx, checks.saturate(vals * scale, jnp.isfinite(vals))
 
-  def aggregate_fn(payloads, weights, keys, like):
-    size = like.shape[0]
+  def aggregate_coords(payloads, weights, keys, size):
     vals = payloads["values"].data
     if shared_mask:
       idx, scale = _indices(_key(keys), size)
@@ -270,7 +432,6 @@ def random_k(k: Optional[int] = None, *, fraction: Optional[float] = None,
       checks.check_keys(keys)
       idx, scale = jax.vmap(lambda kk: _indices(kk, size))(keys.private)
       vals = vals * weights[:, None]
-    return _scatter_sum(checks.saturate(vals * scale, jnp.isfinite(vals)), idx,
-                        size).astype(like.dtype)
+    return idx, checks.saturate(vals * scale, jnp.isfinite(vals))
 
-  return flattened(Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn))
+  return _global_sparse(encode_fn, decode_coords, aggregate_coords)
