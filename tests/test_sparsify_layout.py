@@ -63,8 +63,8 @@ def test_kth_largest_key_is_exact_for_every_k_range(split):
       assert int(equal) == int(np.sum(keys == want))
 
 
-def test_top_k_masks_sampled_path_matches_radix_path():
-  # top_k_masks above 4 * SAMPLE uses kth_largest_key; below, the radix select: same masks.
+def test_top_k_masks_at_sampled_sizes_match_stable_sort():
+  # m22/uniform's radix top-k masks at a size where the sparsifiers sample (reference).
   rng = np.random.default_rng(0)
   n = 4 * S.SAMPLE + 1000
   base = rng.normal(size=n).astype(np.float32)

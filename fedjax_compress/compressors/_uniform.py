@@ -24,7 +24,6 @@ import numpy as np
 from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
-from fedjax_compress.compressors import _sparsify
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -141,10 +140,7 @@ def _suffix_pick(hist: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array
 def top_k_masks(xs: Sequence[jax.Array], keep: int) -> list[jax.Array]:
   """The `keep` largest magnitudes over all of `xs` (ties by lowest index in order), as masks.
 
-  Above `4 * _sparsify.SAMPLE` entries: `_sparsify.kth_largest_key` (a sampled window of
-  keys, one fused pass, the window sorted) gives the `keep`-th largest key `t`; the masks are
-  `key >= t`, ties at `t` by lowest index. Smaller inputs: a
-  radix select on the IEEE bits of `|x|` (monotone for non-negative floats): a histogram
+  Radix select on the IEEE bits of `|x|` (monotone for non-negative floats): a histogram
   of the high 16 bits finds the bin of the `keep`-th largest, a histogram of the low 16
   bits within it the exact value `t`; entries above `t` are kept, and of those equal to
   `t` the first `keep - #(> t)` (a prefix count, computed only when ties need breaking).
@@ -154,21 +150,6 @@ def top_k_masks(xs: Sequence[jax.Array], keep: int) -> list[jax.Array]:
     return [jnp.ones(x.shape, bool) for x in xs]
   if keep <= 0:
     return [jnp.zeros(x.shape, bool) for x in xs]
-  if n > 4 * _sparsify.SAMPLE:  # sampled window + one fused pass (no D-sized histograms)
-    xs = [jax.lax.stop_gradient(x) for x in xs]
-    t, above, equal = _sparsify.kth_largest_key(xs, keep)
-    need = keep - above
-    ks = [_sparsify.magnitude_keys(x) for x in xs]
-
-    def break_ties_keys(_):
-      out, seen = [], jnp.zeros((), jnp.int32)
-      for b in ks:
-        ties = b == t
-        out.append((b > t) | (ties & (exclusive_rank(ties) + seen < need)))
-        seen = seen + jnp.sum(ties, dtype=jnp.int32)
-      return out
-
-    return jax.lax.cond(equal == need, lambda _: [b >= t for b in ks], break_ties_keys, None)
   bs = [jax.lax.bitcast_convert_type(jnp.abs(jax.lax.stop_gradient(x)), jnp.uint32) for x in xs]
   hist = sum(jnp.bincount((b >> 16).astype(jnp.int32), length=65536) for b in bs)
   h, above_h = _suffix_pick(hist, keep)
