@@ -1,4 +1,4 @@
-"""Whole-model selection without raveling: multi-part top-k, k-th largest key, layout helpers.
+"""Whole-model selection without raveling: multi-part top-k and layout helpers.
 
 References: a stable NumPy sort of the magnitude bit patterns (ties: lowest index), and
 NumPy ravel/scatter of the pytree.
@@ -43,24 +43,6 @@ def test_top_indices_of_parts_is_exact(split):
     parts = [jnp.asarray(p, jnp.float32) for p in np.split(v, np.cumsum(split)[:-1])]
     for k in (1, 37, 240):
       np.testing.assert_array_equal(np.asarray(sel(parts, k)), _top_reference(v, k))
-
-
-@pytest.mark.parametrize("split", SPLITS)
-def test_kth_largest_key_is_exact_for_every_k_range(split):
-  # Small k (one-sided window), large k (two-sided window, as m22's 60 %), k = D, and
-  # spiky data whose sampled window misses (bisection fallback).
-  rng = np.random.default_rng(7 + len(split))
-  kth = jax.jit(lambda ps, k: S.kth_largest_key(ps, k, sample=16), static_argnums=1)
-  n = sum(split)
-  for v in _cases(rng, n):
-    keys = _keys(v)
-    parts = [jnp.asarray(p, jnp.float32) for p in np.split(v, np.cumsum(split)[:-1])]
-    for k in (1, 9, n // 4, (6 * n) // 10, n - 1, n):
-      t, above, equal = kth(parts, k)
-      want = np.sort(keys)[::-1][k - 1]
-      assert int(t) == want
-      assert int(above) == int(np.sum(keys > want))
-      assert int(equal) == int(np.sum(keys == want))
 
 
 def test_top_k_masks_at_sampled_sizes_match_stable_sort():

@@ -168,60 +168,6 @@ def _sample_keys(parts: list[jax.Array], sample: int) -> jax.Array:
   return jnp.sort(magnitude_keys(layout.take(parts, idx)))
 
 
-def kth_largest_key(parts: list[jax.Array], k: int, *, sample: int = SAMPLE
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`(T, #{key > T}, #{key == T})` for the `k`-th largest of `magnitude_keys(concatenate(parts))`.
-
-  For any `1 <= k <= D`, in a few passes: a sampled window `[lo, hi]` of keys (the sample's
-  rank of `k` plus and minus 4 standard deviations), one fused pass for the window's row
-  masks and `G = #{key > hi}`, the `<= cap` window keys compacted (`_set_bits`) and sorted;
-  `T` is the `(k - G)`-th largest of them. When the window misses (`G >= k`,
-  `G + |window| < k` or `|window| > cap`, rare) `T` is found by bisection on the count
-  `#{key >= t}` (31 passes). Exact in every case.
-  """
-  sizes = [int(p.shape[0]) for p in parts]
-  n = sum(sizes)
-  if n <= 4 * sample:
-    keys = magnitude_keys(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
-    t = jax.lax.top_k(keys, k)[0][k - 1]
-    return t, jnp.sum(keys > t, dtype=jnp.int32), jnp.sum(keys == t, dtype=jnp.int32)
-  stride = n // sample
-  r = k * sample / n                                   # expected sample rank of T
-  margin = 4.0 * math.sqrt(r * max(1.0 - r / sample, 0.0)) + 8.0
-  # The window spans ~2 margin + 2 sample gaps; its count fluctuates by ~sqrt(gaps) gaps.
-  cap = min(n, math.ceil(1.5 * (2.0 * margin + 2.0) * stride) + 64)
-  sk = _sample_keys(parts, sample)
-  top, bottom = math.floor(r - margin), math.ceil(r + margin)  # sample ranks from the top
-  hi = sk[sample - 1 - top] if top >= 0 else jnp.int32(0x7FFFFFFF)
-  lo = sk[sample - 1 - bottom] if bottom <= sample - 1 else jnp.int32(0)
-  above, window = _row_masks(parts, [lambda kp: kp > hi, lambda kp: (kp >= lo) & (kp <= hi)])
-  g = jnp.sum(_popcount(above))
-  w = jnp.sum(_popcount(window))
-  ok = (g < k) & (g + w >= k) & (w <= cap)
-
-  def from_window(_):
-    idx, valid = _set_bits(window, sizes, cap)
-    keys = jnp.sort(jnp.where(valid, magnitude_keys(layout.take(parts, idx)), -1))
-    t = keys[cap - (k - g)]
-    return t, g + jnp.sum(keys > t, dtype=jnp.int32), jnp.sum(keys == t, dtype=jnp.int32)
-
-  def bisect(_):
-    def count_ge(t):
-      return sum(jnp.sum(magnitude_keys(p) >= t, dtype=jnp.int32) for p in parts)
-
-    def body(_, c):  # T in [a, b]: count_ge(a) >= k
-      a, b = c
-      mid = a + (b - a) // 2 + (b - a) % 2  # upper middle, no int32 overflow
-      up = count_ge(mid) >= k
-      return jnp.where(up, mid, a), jnp.where(up, b, mid - 1)
-
-    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7FFFFFFF)))
-    count = lambda f: sum(jnp.sum(f(magnitude_keys(p)), dtype=jnp.int32) for p in parts)
-    return t, count(lambda x: x > t), count(lambda x: x == t)
-
-  return jax.lax.cond(ok, from_window, bisect, None)
-
-
 def _threshold_select(parts: list[jax.Array], k: int, sample: int) -> jax.Array:
   """Exact top-`k` of `magnitude_keys(concatenate(parts))` (ties: lowest index), no sort of D.
 
@@ -334,18 +280,18 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
   values are added into the leaves in place (`layout.scatter_add`, one write of D).
   """
 
-  def unravel(like, tree32):
+  def cast(like, tree32):
     return jax.tree.map(lambda v, l: checks.cast_finite(v, jnp.result_type(l)), tree32, like)
 
   def decode_fn(payload, state, keys, like):
     payload = layout.unstamp(payload, like)
     idx, vals = decode_coords(payload, keys, layout.num_params(like))
-    return unravel(like, layout.scatter_add(like, idx, vals)), state
+    return cast(like, layout.scatter_add(like, idx, vals)), state
 
   def aggregate_fn(payloads, weights, keys, like):
     payloads = layout.unstamp(payloads, like)
     idx, vals = aggregate_coords(payloads, weights, keys, layout.num_params(like))
-    return unravel(like, layout.scatter_add(like, idx, vals))
+    return cast(like, layout.scatter_add(like, idx, vals))
 
   return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
 
