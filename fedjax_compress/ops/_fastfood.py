@@ -379,10 +379,7 @@ def _project(p: FastfoodParams, z: jax.Array) -> jax.Array:
 
 def _project_whole(p: FastfoodParams, z: jax.Array) -> jax.Array:
   s = pow2_scale(z)
-  x = (z / s)[None, :] * _signs(p, p.d)                         # B E_d z, per block
-  x = _fwht(p, jnp.pad(x, ((0, 0), (0, p.L - p.d))))
-  x = jnp.take_along_axis(x, _perm(p), axis=-1, mode="promise_in_bounds")   # x[perm]
-  x = _fwht(p, x * _gauss(p)) * p.scale[:, None]
+  x = _chunk_forward(p, jnp.broadcast_to((z / s)[None, :], (p.num_blocks, p.d)))
   return _unscale(x[:, :p.block_rows].reshape(-1)[:p.D], s)    # keep D_b rows per block
 
 
@@ -405,17 +402,8 @@ def _transpose_whole(p: FastfoodParams, y: jax.Array) -> jax.Array:
   s = pow2_scale(y)
   nb, rows = p.num_blocks, p.block_rows
   x = jnp.pad(y / s, (0, nb * rows - p.D)).reshape(nb, rows)
-  x = jnp.pad(x, ((0, 0), (0, p.L - rows))) * p.scale[:, None]
-  x = _fwht(p, x) * _gauss(p)
-  # P^T: u[perm[i]] = x[i], i.e. a gather through the inverse permutation (a scatter for a
-  # stored uniform permutation).
-  if p.perm_table is not None:
-    x = jax.vmap(lambda xi, pi: jnp.zeros_like(xi).at[pi].set(xi, unique_indices=True))(
-        x, p.perm_table)
-  else:
-    x = jnp.take_along_axis(x, _inverse_perm(p), axis=-1, mode="promise_in_bounds")
-  x = _fwht(p, x)[:, :p.d] * _signs(p, p.d)
-  return _unscale(jnp.sum(x, axis=0), s)
+  x = jnp.pad(x, ((0, 0), (0, p.L - rows)))
+  return _unscale(jnp.sum(_chunk_backward(p, x), axis=0), s)
 
 
 GRAM_CHUNK = 1 << 16
@@ -509,6 +497,8 @@ def _chunk_forward(p: FastfoodParams, z: jax.Array) -> jax.Array:
 def _chunk_backward(p: FastfoodParams, x: jax.Array) -> jax.Array:
   """`scale_b E_d^T B H P^T G H x_b` of a chunk of blocks `x`: f32[c, d]."""
   x = _fwht(p, x * p.scale[:, None]) * _gauss(p)
+  # P^T: u[perm[i]] = x[i], i.e. a gather through the inverse permutation (a scatter for a
+  # stored uniform permutation).
   if p.perm_table is not None:
     x = jax.vmap(lambda xi, pi: jnp.zeros_like(xi).at[pi].set(xi, unique_indices=True))(
         x, p.perm_table)
@@ -542,7 +532,7 @@ def fastfood_gram(p: FastfoodParams, z: jax.Array, *, chunk: int = GRAM_CHUNK) -
 @functools.partial(jax.jit, static_argnums=2)
 def _gram(ps: FastfoodParams, z: jax.Array, chunk: int) -> jax.Array:
   k, nb = ps.keys.shape
-  size = max(1, min(nb, chunk // (k * ps.L)))
+  size = _chunk_size(nb, k, ps.L, chunk)
   steps = -(-nb // size)
   s = pow2_scale(z)
   zs = z / s
