@@ -293,3 +293,45 @@ def test_blocked_search_equals_single_matmul(mode):
       np.testing.assert_array_equal(x, y)
     else:                                     # the scale: ulps (reduction order)
       np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k,dc", [(64, 8), (256, 16), (32, 5)])
+def test_greedy_search_matches_float64_reference(k, dc):
+  """Blocked float32 search vs a float64 argmax of |<c, x>|: indices equal away from float32
+  near-ties, and the chosen score is the max to float32 accuracy; u = <c_k, x>."""
+  cb = _hsq.codebook(k, dc)
+  x = np.random.default_rng(k + dc).normal(size=(20000, dc)).astype(np.float32)
+  x[::97] *= 1e-20                                   # tiny rows: scores far below 1
+  c = C.hsq(raw_layer_size=0, codebook_size=k, chunk=dc, scalar_bits=32)
+  payload, _ = c.encode(jnp.asarray(x.reshape(-1)), None, KEYS)
+  idx = np.asarray(payload[0]["index"].data).astype(int)
+  u = np.asarray(payload[0]["scalar"].data, np.float64)
+  p = x.astype(np.float64) @ cb.astype(np.float64).T
+  a = np.abs(p)
+  ref = a.argmax(1)
+  top2 = -np.sort(-a, axis=1)[:, :2]
+  clear = top2[:, 0] - top2[:, 1] > 1e-5 * top2[:, 0]
+  assert clear.mean() > 0.99
+  np.testing.assert_array_equal(idx[clear], ref[clear])
+  rows = np.arange(len(x))
+  np.testing.assert_array_less(a.max(1) * (1 - 1e-5), a[rows, idx] * (1 + 1e-12) + 1e-45)
+  np.testing.assert_allclose(u, p[rows, idx], rtol=1e-5, atol=0)
+
+
+def test_greedy_search_exact_ties_and_nan():
+  """Exact |p| ties: the positive score wins, then the lowest index; zero rows -> 0; NaN -> K-1."""
+  cb = jnp.eye(4, dtype=jnp.float32)
+  x = jnp.array([[1, -1, 0, 0], [-1, 1, 0, 0], [-2, 0, 2, 2], [-2, -2, 0, 0], [0, 0, 0, 0],
+                 [0, -3, 0, -3], [np.nan, 0, 0, 0]], jnp.float32)
+  for block in (None, 2):   # one block and blocked (lax.map) code paths
+    k, u = _hsq._search_greedy(x, cb, block)
+    np.testing.assert_array_equal(k, [0, 1, 2, 0, 0, 1, 3])
+    np.testing.assert_array_equal(u[:6], [1, 1, 2, -2, 0, -3])
+    assert np.isnan(u[6])
+
+
+def test_default_search_block_bounds_scores_to_4mib():
+  for k in (2, 32, 64, 256, 4096, 65536):
+    b = _hsq.default_search_block(k)
+    assert b >= 256 and (4 * k * b <= 4 * 2**20 or b == 256)
+  assert _hsq.default_search_block(64) == 16384 and _hsq.default_search_block(256) == 4096
