@@ -30,6 +30,10 @@ def error_feedback(inner: Compressor) -> Compressor:
   `x` and `e'` are float32 and saturate at its range for finite inputs (no inf from a
   sum of huge finite values; NaN/Inf inputs still propagate).
 
+  Sparse inners (`top_k`, `random_k`: `decode.sparse_coords` gives their distinct indices
+  and values, and their decode keeps its state) skip the dense decode: `e'` is `x` with
+  `e'_i = sat(x_i - v_i)` written at the `k` sent indices (the same float32 result).
+
   Warns (`UserWarning`) for unscaled `sign_sgd()`: it decodes to `+-1` whatever the
   magnitude of `x`, so the residual tracks `x - sign(x)` and, at ordinary server learning
   rates, training diverges silently; `sign_sgd(scaled=True)` is the EF-signSGD of
@@ -40,6 +44,8 @@ def error_feedback(inner: Compressor) -> Compressor:
     warnings.warn("error_feedback(sign_sgd()) with unscaled signs: decoded updates are +-1 "
                   "whatever their magnitude, so error feedback diverges at ordinary learning "
                   "rates; use sign_sgd(scaled=True)", UserWarning, stacklevel=2)
+
+  sparse_coords = getattr(inner.decode, "sparse_coords", None)
 
   def _sum(a, b):
     """`a + b` in float32, saturating where both are finite."""
@@ -54,7 +60,13 @@ def error_feedback(inner: Compressor) -> Compressor:
     layout.check_matches(updates, layout.signature(state.residual),
                          "error_feedback: updates vs the residual of `init(params)`")
     x = jax.tree.map(_sum, updates, state.residual)
+    if sparse_coords is not None:  # x once in memory: the selection reads it, not g and e
+      x = jax.lax.optimization_barrier(x)
     payload, sender = inner.encode(x, state.inner, keys, params)
+    if sparse_coords is not None:  # decoded = values at distinct idx: change k entries of x
+      idx, vals = sparse_coords(payload, keys, x)
+      new = _sum(layout.take(layout.flat_leaves(x), idx), -vals.astype(jnp.float32))
+      return payload, ErrorFeedbackState(sender, layout.replace_at(x, idx, new), state.mirror)
     decoded, mirror = inner.decode(payload, state.mirror, keys, x)
     residual = jax.tree.map(lambda a, b: _sum(a, -b.astype(jnp.float32)), x, decoded)
     return payload, ErrorFeedbackState(sender, residual, mirror)

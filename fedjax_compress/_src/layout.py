@@ -195,6 +195,28 @@ def scatter_add(like: Any, idx: jax.Array, values: jax.Array) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
+def replace_at(tree: Any, idx: jax.Array, values: jax.Array) -> Any:
+  """`tree` with `ravel(tree)[idx] = values`, written leaf by leaf (indices outside `[0, D)` dropped).
+
+  Indices must be distinct (a repeated index keeps an unspecified one of its values). Each
+  leaf keeps its dtype and shape; the scatter writes `len(idx)` entries per leaf and XLA
+  updates the leaf's buffer in place when it is not used afterwards (no pass over D).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  idx = jnp.reshape(idx, (-1,))
+  values = jnp.reshape(values, (-1,))
+  sizes = [int(np.prod(np.shape(x), dtype=np.int64)) for x in leaves]
+  out = []
+  for x, n, o in zip(leaves, sizes, leaf_offsets(sizes)):
+    if n == 0:
+      out.append(x)
+      continue
+    local, inside = _local(idx, o, n)
+    flat = jnp.ravel(x).at[jnp.where(inside, local, n)].set(values.astype(x.dtype), mode="drop")
+    out.append(flat.reshape(np.shape(x)))
+  return jax.tree.unflatten(treedef, out)
+
+
 def all_finite(tree: Any) -> jax.Array:
   """Scalar bool: every entry of every leaf is finite (per-leaf reductions, no ravel)."""
   flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if np.size(x)]

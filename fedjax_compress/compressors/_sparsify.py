@@ -278,6 +278,10 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
   float32 values. As `flattened` (payloads stamped by `encode_fn`, `like` checked, decoded
   in float32 and cast leaf by leaf with `checks.cast_finite`) but without raveling: the
   values are added into the leaves in place (`layout.scatter_add`, one write of D).
+
+  `decode_coords` must give distinct indices. `decode.sparse_coords(payload, keys, like)`
+  returns its `(indices, values)` (after the `like` check), so that `error_feedback` can
+  form `e' = x - decode(...)` as `x` with `k` entries changed, not a dense decode.
   """
 
   def cast(like, tree32):
@@ -293,6 +297,12 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
     idx, vals = aggregate_coords(payloads, weights, keys, layout.num_params(like))
     return cast(like, layout.scatter_add(like, idx, vals))
 
+  def sparse_coords(payload, keys, like):
+    """`(idx, vals)`: `decode(payload, s, keys, like) == (cast(like, scatter_add(like, idx, vals)), s)`."""
+    payload = layout.unstamp(payload, like)
+    return decode_coords(payload, keys, layout.num_params(like))
+
+  decode_fn.sparse_coords = sparse_coords  # read by `error_feedback` (sparse residual update)
   return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
 
 
