@@ -115,14 +115,20 @@ def _row_masks(parts: list[jax.Array], preds) -> list[jax.Array]:
   """Per row of `_ROW` keys (each part cut into whole rows), the bit mask of each predicate.
 
   `preds`: functions `int32 keys -> bool`. One fused read of the parts (the keys are
-  computed on the fly); a part's short last row is padded with key -1. uint32 `[rows]`.
+  computed on the fly; all predicates packed by one reduction, so XLA reads each part
+  once, not once per predicate); a part's short last row is padded with key -1.
+  uint32 `[rows]` per predicate.
   """
-  def pack(bits):  # bool [rows, 32] -> uint32 [rows]; bytes first (a fast reduce on CPU)
-    lanes = jax.lax.iota(jnp.uint32, 8)[None, None, :]
-    b = jnp.sum(bits.astype(jnp.uint32).reshape(-1, 4, 8) << lanes, axis=2, dtype=jnp.uint32)
-    return jnp.sum(b << (8 * jax.lax.iota(jnp.uint32, 4))[None, :], axis=1, dtype=jnp.uint32)
+  npred = len(preds)
 
-  out = [[] for _ in preds]
+  def pack(bits):  # bool [rows, P, 32] -> uint32 [rows, P]; bytes first (a fast reduce on CPU)
+    lanes = jax.lax.iota(jnp.uint32, 8)[None, None, None, :]
+    b = jnp.sum(bits.astype(jnp.uint32).reshape(bits.shape[0], npred, 4, 8) << lanes, axis=3,
+                dtype=jnp.uint32)
+    return jnp.sum(b << (8 * jax.lax.iota(jnp.uint32, 4))[None, None, :], axis=2,
+                   dtype=jnp.uint32)
+
+  out = []
   for p in parts:  # whole rows read in place (no padded copy of the part)
     n = int(p.shape[0])
     full = n // _ROW
@@ -132,9 +138,9 @@ def _row_masks(parts: list[jax.Array], preds) -> list[jax.Array]:
                      constant_values=-1)
       pieces.append(tail.reshape(1, _ROW))
     for kp in pieces:
-      for o, pred in zip(out, preds):
-        o.append(pack(pred(kp)))
-  return [xs[0] if len(xs) == 1 else jnp.concatenate(xs) for xs in out]
+      out.append(pack(jnp.stack([pred(kp) for pred in preds], axis=1)))
+  words = out[0] if len(out) == 1 else jnp.concatenate(out)
+  return [words[:, i] for i in range(npred)]
 
 
 def _set_bits(words: jax.Array, sizes: list[int], cap: int) -> tuple[jax.Array, jax.Array]:
