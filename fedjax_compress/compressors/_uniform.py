@@ -6,8 +6,10 @@ an optional exact global top-k, leaves below a size threshold sent raw, one leve
 per leaf (or pooled), codes compacted into one variable-length field.
 
 Speed: every step is a few passes over the update. Top-k is an exact radix select (two
-65,536-bin histograms of the float bits, ties by lowest index) instead of a sort; ranks
-for compaction come from popcounts of 32-bit mask words. Robustness: each segment is
+65,536-bin histograms of the float bits, ties by lowest index) up to `EXACT_SIZE` entries
+and above that a magnitude threshold from a sample, corrected by exact counts (`k` within
+`KEEP_TOLERANCE`, `threshold_masks`); ranks come from popcounts of 32-bit mask words and
+compaction gathers (`set_bit_positions`) instead of scattering over `D`. Robustness: each segment is
 rescaled by a power of two (exact) so sums and ranges never overflow, levels saturate at
 the float32 range, and decoded values at the range of the template's dtype.
 """
@@ -51,6 +53,13 @@ class Plan(NamedTuple):
   @property
   def n_r(self) -> int:
     return sum(self.sizes[self.num_quantized:])
+
+  @property
+  def capacity(self) -> Optional[int]:
+    """Static bound on the kept entries: `keep`, plus the tolerance of `threshold_masks`."""
+    if self.keep is None:
+      return None
+    return min(self.size, self.keep + keep_slack(self.keep, self.size))
 
   @property
   def list_positions(self) -> bool:
@@ -100,33 +109,115 @@ def pow2_scale(amax: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- selection
 
 
+def materialize(x: jax.Array) -> jax.Array:
+  """`x`, computed as a reduction so XLA keeps it in memory for its consumers.
+
+  XLA:CPU fuses cheap elementwise producers (a cumsum's last stage, a word's popcount) into
+  each consumer, so a per-word value broadcast to 32 lanes is recomputed per lane (a
+  `D`-sized loop that no longer vectorises: ~10x slower). `optimization_barrier` does not
+  stop that on CPU; a reduction is a fusion root. Value unchanged: `max(x, lowest)`.
+  """
+  low = jnp.iinfo(x.dtype).min if jnp.issubdtype(x.dtype, jnp.integer) else -jnp.inf
+  return jnp.max(jnp.stack([x, jnp.full_like(x, low)]), axis=0)
+
+
+def pack_words(mask: jax.Array) -> jax.Array:
+  """uint32 words of a bool `mask[n]`: bit `l` of word `w` is `mask[32 w + l]` (zero padded)."""
+  n = mask.shape[0]
+  nw = -(-n // 32)
+  m = jnp.pad(mask, (0, nw * 32 - n)).reshape(nw, 4, 8).astype(jnp.uint32)
+  b = jnp.sum(m << jnp.arange(8, dtype=jnp.uint32)[None, None, :], axis=2,
+              dtype=jnp.uint32)  # bytes first
+  return jnp.sum(b << (8 * jnp.arange(4, dtype=jnp.uint32))[None, :], axis=1,
+                 dtype=jnp.uint32)
+
+
+def _popcount(w: jax.Array) -> jax.Array:
+  return jax.lax.population_count(w).astype(jnp.int32)
+
+
+def word_offsets(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(off, total)`: `off[w] = #set bits in words[:w]` (int32, materialised) and their sum."""
+  cnt = _popcount(words)
+  incl = jnp.cumsum(cnt)
+  return materialize(incl - cnt), (incl[-1] if words.shape[0] else jnp.zeros((), jnp.int32))
+
+
 def exclusive_rank(mask: jax.Array) -> jax.Array:
   """`rank[i] = #{j < i : mask[j]}` (int32) from popcounts of 32-bit words (no long cumsum)."""
   n = mask.shape[0]
-  nw = -(-n // 32)
-  m = jnp.pad(mask, (0, nw * 32 - n)).reshape(nw, 32).astype(jnp.uint32)
+  if n == 0:
+    return jnp.zeros((0,), jnp.int32)
+  words = pack_words(mask)
+  off, _ = word_offsets(words)
+  words = materialize(words)
   lanes = jnp.arange(32, dtype=jnp.uint32)[None, :]
-  words = jnp.sum(m << lanes, axis=1, dtype=jnp.uint32)
-  per_word = jax.lax.population_count(words).astype(jnp.int32)
-  offsets = jnp.cumsum(per_word) - per_word
-  below = jax.lax.population_count(words[:, None] & ((jnp.uint32(1) << lanes) - 1))
-  return (offsets[:, None] + below.astype(jnp.int32)).reshape(-1)[:n]
+  below = _popcount(words[:, None] & ((jnp.uint32(1) << lanes) - 1))
+  return (off[:, None] + below).reshape(-1)[:n]
+
+
+def _select_bit(word: jax.Array, q: jax.Array) -> jax.Array:
+  """int32 position of the `q`-th (0-based) set bit of uint32 `word` (`q < popcount`)."""
+  pos = jnp.zeros(jnp.shape(word), jnp.int32)
+  for width in (16, 8, 4, 2, 1):  # binary search: is the bit above the low `width` bits?
+    low = _popcount(word & jnp.uint32((1 << width) - 1))
+    up = q >= low
+    q = jnp.where(up, q - low, q)
+    word = jnp.where(up, word >> width, word)
+    pos = pos + jnp.where(up, width, 0)
+  return pos
+
+
+def set_bit_positions(words: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Bit positions (`32 w + lane`, int32, in order) of the first `capacity` set bits; count.
+
+  Gathers only (XLA:CPU scatters and cumsums cost ~10x a gather per element): slot `j`'s
+  word is the `c`-th non-empty word, `c = #(non-empty words starting at <= j)`, read from the
+  word starts marked in a `capacity` bitmap (ranked by popcounts); its lane is the `q`-th set
+  bit of the word, `q = j - off[word]`. Slots past the count hold position 0.
+  """
+  nw = words.shape[0]
+  if capacity == 0 or nw == 0:
+    return jnp.zeros((capacity,), jnp.int32), jnp.zeros((), jnp.int32)
+  off, total = word_offsets(words)
+  nonempty = words != 0
+  ne_rank = exclusive_rank(nonempty)
+  ne_list = jnp.zeros((nw,), jnp.int32).at[jnp.where(nonempty, ne_rank, nw)].set(
+      jnp.arange(nw, dtype=jnp.int32), mode="drop", unique_indices=True)   # nw/32 of D
+  starts = jnp.zeros((capacity,), bool).at[jnp.where(nonempty, off, capacity)].set(
+      True, mode="drop", unique_indices=True)
+  started = exclusive_rank(starts) + starts.astype(jnp.int32)   # inclusive
+  j = jnp.arange(capacity, dtype=jnp.int32)
+  word = ne_list[jnp.maximum(started - 1, 0)]
+  lane = _select_bit(words[word], j - off[word])
+  valid = j < total
+  return jnp.where(valid, word * 32 + lane, 0), jnp.minimum(total, capacity)
+
+
+def _padded_concat(parts: Sequence[jax.Array], dtype) -> jax.Array:
+  """The parts as `dtype`, each zero-padded to a multiple of 32, concatenated (word layout)."""
+  padded = [jnp.pad(v.astype(dtype), (0, -int(v.shape[0]) % 32)) for v in parts]
+  return padded[0] if len(padded) == 1 else jnp.concatenate(padded)
 
 
 def compact(parts: Sequence[jax.Array], masks: Sequence[jax.Array], capacity: int,
             dtype) -> tuple[jax.Array, jax.Array]:
   """Entries of the `parts` where `masks`, in order, in one length-`capacity` array; and their count.
 
-  One scatter per part into the same buffer (no concatenation of the parts).
+  Entries past `capacity` are dropped (callers size it to the largest possible count);
+  slots past the count are 0. Gather-based (`set_bit_positions`), no scatter over `D`.
   """
-  out = jnp.zeros((capacity,), dtype)
-  count = jnp.zeros((), jnp.int32)
-  for v, m in zip(parts, masks):
-    if capacity and v.shape[0]:
-      idx = jnp.where(m, exclusive_rank(m) + count, capacity)
-      out = out.at[idx].set(v.astype(dtype), mode="drop", unique_indices=True)
-    count = count + jnp.sum(m, dtype=jnp.int32)
-  return out, count
+  parts = [v for v in parts]
+  keep = [i for i, v in enumerate(parts) if v.shape[0]]
+  if capacity == 0 or not keep:
+    count = sum((jnp.sum(m, dtype=jnp.int32) for m in masks), jnp.zeros((), jnp.int32))
+    return jnp.zeros((capacity,), dtype), jnp.minimum(count, capacity)
+  words = [pack_words(masks[i]) for i in keep]
+  words = words[0] if len(words) == 1 else jnp.concatenate(words)
+  pos, count = set_bit_positions(words, capacity)
+  values = _padded_concat([parts[i] for i in keep], dtype)
+  valid = jnp.arange(capacity) < count
+  return jnp.where(valid, values[pos], jnp.zeros((), dtype)), count
 
 
 def _suffix_pick(hist: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -171,6 +262,108 @@ def top_k_masks(xs: Sequence[jax.Array], keep: int) -> list[jax.Array]:
   return jax.lax.cond(lo_hist[l] == need, lambda _: [b >= t for b in bs], break_ties, None)
 
 
+EXACT_SIZE = 1 << 18
+"""Models of at most this many entries get the exact top-k (`top_k_masks`)."""
+KEEP_TOLERANCE = 0.01
+"""Above `EXACT_SIZE`, `threshold_masks` keeps `k` entries within this relative tolerance."""
+_SAMPLE = 1 << 16   # magnitudes sampled to place the threshold
+_ROUNDS = 4         # counting passes tried before the exact fallback
+
+
+def keep_slack(keep: int, size: int) -> int:
+  """Entries `threshold_masks` may keep beyond (or short of) `keep`: `floor(tol keep)`."""
+  return 0 if size <= EXACT_SIZE or keep >= size else int(KEEP_TOLERANCE * keep)
+
+
+def _magnitude_keys(x: jax.Array) -> jax.Array:
+  """int32 keys ordering `|x|` (float bits without the sign; 0 for +-0)."""
+  return jax.lax.bitcast_convert_type(jnp.abs(jax.lax.stop_gradient(x)), jnp.int32)
+
+
+def _sample_positions(sizes: Sequence[int], m: int) -> list[np.ndarray]:
+  """Static stratified pseudo-random positions: one in each of `m` equal strata of the
+  concatenation, returned per part (local indices)."""
+  n = sum(sizes)
+  i = np.arange(m, dtype=np.uint64)
+  h = (i * np.uint64(2654435761)) % np.uint64(2**32)   # Knuth's multiplicative hash
+  u = ((h ^ (h >> np.uint64(15))) >> np.uint64(8)).astype(np.float64) * 2.0**-24
+  pos = np.minimum(((np.arange(m) + u) * (n / m)).astype(np.int64), n - 1)
+  bounds = np.cumsum([0] + list(sizes))
+  return [pos[(pos >= lo) & (pos < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def count_true(mask: jax.Array) -> jax.Array:
+  """int32 number of true (non-zero) entries of a 1-D bool/uint8 mask.
+
+  Summed as uint8 per 32 entries, then int32 over the rows: XLA:CPU vectorises that form
+  (a flat sum of a comparison runs ~10x slower).
+  """
+  n = mask.shape[0]
+  if n == 0:
+    return jnp.zeros((), jnp.int32)
+  rows = jnp.pad(mask.astype(jnp.uint8), (0, -n % 32)).reshape(-1, 32)
+  return jnp.sum(jnp.sum(rows, axis=1, dtype=jnp.uint8).astype(jnp.int32))
+
+
+def threshold_masks(xs: Sequence[jax.Array], keep: int) -> tuple[list[jax.Array], jax.Array]:
+  """uint8 0/1 masks of about the `keep` largest non-zero magnitudes over all of `xs`; count.
+
+  At most `EXACT_SIZE` entries: exactly `top_k_masks` minus exact zeros. Above, the masks
+  are `|x| >= t` (a top set: every kept magnitude is >= every dropped one) for a threshold
+  `t` placed from a sorted stratified sample of `_SAMPLE` magnitudes and corrected by
+  exact counts (one fused read of `xs` each): from a count `c` at `t`, the next `t` is the
+  sample quantile shifted by `(keep - c) S / D` ranks. Accepted once
+  `|c - keep| <= slack = floor(KEEP_TOLERANCE keep)` (or every non-zero entry is kept and
+  they are fewer); after `_ROUNDS` counts, or with ties straddling the band, the exact
+  masks are used. So the count is within `keep +- slack` (`<= keep` if the non-zeros are
+  fewer) and never exceeds `keep + slack` (`Plan.capacity`).
+  """
+  n = sum(int(x.shape[0]) for x in xs)
+  slack = keep_slack(keep, n)
+  def exact(_):
+    masks = [(k & (x != 0)).astype(jnp.uint8) for k, x in zip(top_k_masks(xs, keep), xs)]
+    return masks, sum((count_true(m) for m in masks), jnp.zeros((), jnp.int32))
+
+  if n <= EXACT_SIZE or keep >= n or keep <= 0:
+    return exact(None)
+  s = _SAMPLE
+  pos = _sample_positions([int(x.shape[0]) for x in xs], s)
+  sample = jnp.sort(jnp.concatenate([_magnitude_keys(x[jnp.asarray(p, jnp.int32)])
+                                     for x, p in zip(xs, pos) if p.size]))
+
+  def count(t):
+    return sum(count_true(_magnitude_keys(x) >= t) for x in xs)
+
+  def at_rank(r):
+    """Key at fractional sample rank `r` from the top (linear in key between order stats)."""
+    j = jnp.clip(s - r, 0.0, s - 1.0)
+    lo = jnp.floor(j).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, s - 1)
+    step = (sample[hi] - sample[lo]).astype(jnp.float32) * (j - lo.astype(jnp.float32))
+    return jnp.maximum(sample[lo] + step.astype(jnp.int32), 1)   # t >= 1: zeros never kept
+
+  def accepted(t, c):
+    return (jnp.abs(c - keep) <= slack) | ((t <= 1) & (c <= keep))
+
+  def refine(state):
+    i, t, c = state
+    rank = (s - jnp.searchsorted(sample, t, side="left")).astype(jnp.float32)
+    t = at_rank(rank + (keep - c).astype(jnp.float32) * (s / n))
+    return i + 1, t, count(t)
+
+  t0 = at_rank(jnp.float32(keep * s / n))
+  state = (jnp.int32(1), t0, count(t0))
+  # The loop sits in a cond so XLA's loop-invariant hoisting (keys of D materialised as
+  # loop state) costs only when a correction is needed.
+  loop = lambda st: jax.lax.while_loop(
+      lambda st: (st[0] < _ROUNDS) & ~accepted(st[1], st[2]), refine, st)
+  _, t, c = jax.lax.cond(accepted(state[1], state[2]), lambda st: st, loop, state)
+
+  return jax.lax.cond(
+      accepted(t, c), lambda _: ([(_magnitude_keys(x) >= t).astype(jnp.uint8) for x in xs], c),
+      exact, None)
+
+
 # ----------------------------------------------------------------------------- codec
 
 
@@ -178,7 +371,7 @@ class Segment(NamedTuple):
   """One level design's data: its leaves' values, 0/1 weights of the coded entries, a scale."""
 
   parts: tuple[jax.Array, ...]    # float32 values of each leaf (raw domain, flat)
-  weights: tuple[jax.Array, ...]  # float32 weights: 1 = kept entry coded with these levels
+  weights: tuple[jax.Array, ...]  # uint8 0/1: 1 = kept entry coded with these levels
   scale: jax.Array                # power of two with max|x| / scale < 2 (exact rescaling)
 
 
@@ -195,7 +388,8 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
 
   Wire order: leaves with `>= min_layer_size` entries (tree order), then the others.
   Sparse (`dense=False`): `positions` (one bitmap field per leaf, `D` bits in all, or one
-  list of `ceil(log2 D)`-bit indices when shorter) of the kept non-zero entries, `codes` of
+  list of `ceil(log2 D)`-bit indices when shorter) of the kept non-zero entries
+  (`threshold_masks`: exactly `k` up to `EXACT_SIZE` entries, else `k` within 1 %), `codes` of
   the kept quantized entries, `design`'s side fields, `raw` float32 values of kept
   small-leaf entries. Dense: every entry is coded, one `codes` / `raw` field per leaf.
   Each leaf is processed in place (no concatenation of the model into one vector). Empty
@@ -224,20 +418,20 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
     nq = p.num_quantized
     payload = {}
     if dense:
-      kept = [jnp.ones(x.shape, bool) for x in xs]
+      kept = [jnp.ones(x.shape, jnp.uint8) for x in xs]
     else:
-      kept = [k & (x != 0) for k, x in zip(top_k_masks(xs, p.keep), xs)]
+      kept, _ = threshold_masks(xs, p.keep)   # uint8 0/1
       if p.list_positions:
         idx = [jnp.arange(o, o + n, dtype=jnp.uint32) for o, n in zip(p.offsets, p.sizes)]
-        data, count = compact(idx, kept, p.keep, jnp.uint32)
+        data, count = compact(idx, kept, p.capacity, jnp.uint32)
         payload["positions"] = Field(data, _bits.index_bits(p.size), count)
       else:
-        payload["positions"] = tuple(Field(k, 1) for k in kept)
+        payload["positions"] = tuple(Field(k.astype(bool), 1) for k in kept)
     segs = []
     for leaf_ids in p.segments:
       parts = tuple(jax.lax.stop_gradient(xs[j]) for j in leaf_ids)  # side info: no gradient
       amax = jnp.max(jnp.stack([jnp.max(jnp.abs(v), initial=0.0) for v in parts]))
-      segs.append(Segment(parts, tuple(kept[j].astype(jnp.float32) for j in leaf_ids),
+      segs.append(Segment(parts, tuple(kept[j] for j in leaf_ids),
                           pow2_scale(amax)))
     side, codes = design(segs, key)
     payload.update(side)
@@ -246,13 +440,13 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
       if dense:
         payload["codes"] = tuple(Field(c.astype(jnp.uint8), bits) for c in leaf_codes)
       else:
-        data, count = compact(leaf_codes, kept[:nq], min(p.keep, p.n_q), jnp.uint8)
+        data, count = compact(leaf_codes, kept[:nq], min(p.capacity, p.n_q), jnp.uint8)
         payload["codes"] = Field(data, bits, count)
     if nq < len(xs):
       if dense:
         payload["raw"] = tuple(Field(x, 32) for x in xs[nq:])
       else:
-        data, count = compact(xs[nq:], kept[nq:], min(p.keep, p.n_r), jnp.float32)
+        data, count = compact(xs[nq:], kept[nq:], min(p.capacity, p.n_r), jnp.float32)
         payload["raw"] = Field(data, 32, count)
     return payload
 
@@ -376,7 +570,8 @@ def uniform(bits: int = 2, *, top_fraction: Optional[float] = None, iso_bit: boo
 
   `top_fraction=None` (default): every entry is coded; bits `R n_q + 64 S + 32 n_r`.
   With `top_fraction = P`: as `m22`, only the `k = ceil(P D / R)` (`iso_bit`; else
-  `ceil(P D)`) largest-magnitude entries of the whole model are kept (exact zeros dropped),
+  `ceil(P D)`) largest-magnitude entries of the whole model are kept (within 1 % above
+  `EXACT_SIZE` entries; exact zeros dropped),
   at `pos + (len + R n_q) + 64 S + (len + 32 n_r)` bits (positions as in `m22`).
 
   Args:
