@@ -125,3 +125,25 @@ def test_replace_at_matches_numpy():
   for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(tree)):
     assert g.dtype == t.dtype and g.shape == t.shape
   np.testing.assert_array_equal(np.asarray(layout.ravel(got), np.float64), want)
+
+
+@pytest.mark.parametrize("count", [1, 4, 9, 40])
+def test_replace_at_windows_of_increasing_indices_match_numpy(count):
+  # Leaves smaller and larger than len(idx); idx sorted, some past D (dropped).
+  rng = np.random.default_rng(count)
+  tree = {"a": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32), "b": jnp.zeros((0,)),
+          "c": jnp.asarray(rng.normal(size=3), jnp.float32), "d": jnp.asarray(rng.normal(size=2)),
+          "e": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)}
+  flat = np.asarray(layout.ravel(tree), np.float64)  # 43 parameters
+  for trial in range(5):
+    idx = np.sort(rng.choice(50, count, replace=False)).astype(np.uint32)
+    vals = rng.normal(size=count).astype(np.float32)
+    combine = lambda old, v: old * 2.0 + v
+    want = flat.copy()
+    for i, v in zip(idx, vals):
+      if i < flat.size:
+        want[i] = np.float32(np.float32(flat[i]) * 2 + v)
+    for increasing in (False, True):
+      got = jax.jit(layout.replace_at, static_argnums=(3, 4))(
+          tree, jnp.asarray(idx), jnp.asarray(vals), combine, increasing)
+      np.testing.assert_array_equal(np.asarray(layout.ravel(got), np.float64), want)

@@ -64,9 +64,9 @@ def error_feedback(inner: Compressor) -> Compressor:
       x = jax.lax.optimization_barrier(x)
     payload, sender = inner.encode(x, state.inner, keys, params)
     if sparse_coords is not None:  # decoded = values at distinct idx: change k entries of x
-      idx, vals = sparse_coords(payload, keys, x)
-      new = _sum(layout.take(layout.flat_leaves(x), idx), -vals.astype(jnp.float32))
-      return payload, ErrorFeedbackState(sender, layout.replace_at(x, idx, new), state.mirror)
+      idx, vals, increasing = sparse_coords(payload, keys, x)
+      residual = layout.replace_at(x, idx, -vals.astype(jnp.float32), _sum, increasing)
+      return payload, ErrorFeedbackState(sender, residual, state.mirror)
     decoded, mirror = inner.decode(payload, state.mirror, keys, x)
     residual = jax.tree.map(lambda a, b: _sum(a, -b.astype(jnp.float32)), x, decoded)
     return payload, ErrorFeedbackState(sender, residual, mirror)

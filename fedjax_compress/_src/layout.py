@@ -195,24 +195,42 @@ def scatter_add(like: Any, idx: jax.Array, values: jax.Array) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def replace_at(tree: Any, idx: jax.Array, values: jax.Array) -> Any:
-  """`tree` with `ravel(tree)[idx] = values`, written leaf by leaf (indices outside `[0, D)` dropped).
+def replace_at(tree: Any, idx: jax.Array, values: jax.Array, combine: Callable | None = None,
+               increasing: bool = False) -> Any:
+  """`tree` with `ravel(tree)[idx] = values` (or `combine(ravel(tree)[idx], values)`), per leaf.
 
-  Indices must be distinct (a repeated index keeps an unspecified one of its values). Each
-  leaf keeps its dtype and shape; the scatter writes `len(idx)` entries per leaf and XLA
-  updates the leaf's buffer in place when it is not used afterwards (no pass over D).
+  Indices must be distinct (a repeated index keeps an unspecified one of its values);
+  indices outside `[0, D)` are dropped. Each leaf keeps its dtype and shape, and XLA updates
+  its buffer in place when it is not used afterwards (no pass over D). A leaf of `n`
+  elements reads and writes all `K = len(idx)` entries, or, with `increasing=True` (static:
+  `idx` sorted increasing), only a window of `min(n, K)` of them: the indices inside a leaf
+  are then consecutive in `idx` and at most `n`, so the window
+  `[min(s, K - n), +n)`, `s = #{j: idx_j < offset}`, holds them all.
   """
   leaves, treedef = jax.tree.flatten(tree)
   idx = jnp.reshape(idx, (-1,))
   values = jnp.reshape(values, (-1,))
+  count = int(idx.shape[0])
   sizes = [int(np.prod(np.shape(x), dtype=np.int64)) for x in leaves]
+  offsets = leaf_offsets(sizes)
+  starts = None
+  if increasing and any(0 < n < count for n in sizes):
+    # s per leaf by one fused compare-and-count (a searchsorted is a while loop on CPU).
+    below = idx.astype(jnp.uint32)[None, :] < jnp.asarray(np.asarray(offsets, np.uint32))[:, None]
+    starts = jnp.sum(below, axis=1, dtype=jnp.int32)
   out = []
-  for x, n, o in zip(leaves, sizes, leaf_offsets(sizes)):
-    if n == 0:
+  for i, (x, n, o) in enumerate(zip(leaves, sizes, offsets)):
+    if n == 0 or count == 0:
       out.append(x)
       continue
-    local, inside = _local(idx, o, n)
-    flat = jnp.ravel(x).at[jnp.where(inside, local, n)].set(values.astype(x.dtype), mode="drop")
+    wi, wv = idx, values
+    if starts is not None and n < count:
+      s = jnp.minimum(starts[i], count - n)
+      wi, wv = jax.lax.dynamic_slice(idx, (s,), (n,)), jax.lax.dynamic_slice(values, (s,), (n,))
+    local, inside = _local(wi, o, n)
+    flat = jnp.ravel(x)
+    new = wv if combine is None else combine(flat[jnp.where(inside, local, 0)], wv)
+    flat = flat.at[jnp.where(inside, local, n)].set(new.astype(x.dtype), mode="drop")
     out.append(flat.reshape(np.shape(x)))
   return jax.tree.unflatten(treedef, out)
 

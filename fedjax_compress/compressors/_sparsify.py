@@ -273,10 +273,11 @@ def top_k(k: Optional[int] = None, *, fraction: Optional[float] = None) -> Compr
   def aggregate_coords(payloads, weights, keys, size):
     return payloads["indices"].data, payloads["values"].data * weights[:, None]
 
-  return _global_sparse(encode_fn, decode_coords, aggregate_coords)
+  return _global_sparse(encode_fn, decode_coords, aggregate_coords, increasing=True)
 
 
-def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
+def _global_sparse(encode_fn, decode_coords, aggregate_coords,
+                   increasing: bool = False) -> Compressor:
   """Stateless whole-model sparse codec from its encoder and the `(indices, values)` to add.
 
   `decode_coords(payload, keys, D)` and `aggregate_coords(payloads, weights, keys, D)`
@@ -285,9 +286,10 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
   in float32 and cast leaf by leaf with `checks.cast_finite`) but without raveling: the
   values are added into the leaves in place (`layout.scatter_add`, one write of D).
 
-  `decode_coords` must give distinct indices. `decode.sparse_coords(payload, keys, like)`
-  returns its `(indices, values)` (after the `like` check), so that `error_feedback` can
-  form `e' = x - decode(...)` as `x` with `k` entries changed, not a dense decode.
+  `decode_coords` must give distinct indices (`increasing`: static, also sorted).
+  `decode.sparse_coords(payload, keys, like)` returns `(indices, values, increasing)`
+  (after the `like` check), so that `error_feedback` can form `e' = x - decode(...)` as
+  `x` with `k` entries changed, not a dense decode.
   """
 
   def cast(like, tree32):
@@ -304,9 +306,9 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords) -> Compressor:
     return cast(like, layout.scatter_add(like, idx, vals))
 
   def sparse_coords(payload, keys, like):
-    """`(idx, vals)`: `decode(payload, s, keys, like) == (cast(like, scatter_add(like, idx, vals)), s)`."""
+    """`(idx, vals, increasing)`: `decode(payload, s, keys, like)` is `(cast(like, scatter_add(like, idx, vals)), s)`."""
     payload = layout.unstamp(payload, like)
-    return decode_coords(payload, keys, layout.num_params(like))
+    return decode_coords(payload, keys, layout.num_params(like)) + (increasing,)
 
   decode_fn.sparse_coords = sparse_coords  # read by `error_feedback` (sparse residual update)
   return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
@@ -396,4 +398,5 @@ def random_k(k: Optional[int] = None, *, fraction: Optional[float] = None,
       vals = vals * weights[:, None]
     return idx, checks.saturate(vals * scale, jnp.isfinite(vals))
 
-  return _global_sparse(encode_fn, decode_coords, aggregate_coords)
+  return _global_sparse(encode_fn, decode_coords, aggregate_coords,
+                        increasing=sampling == "stratified")  # one index per stratum, in order
