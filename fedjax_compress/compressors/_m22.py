@@ -328,6 +328,19 @@ def _moments(xs, ws):
   return n, mu, var
 
 
+def _kept_max(ops):
+  """Largest kept entry of a segment `(parts, uint8 weights, scale)` (0 if none is kept).
+
+  On `x / scale` in (-2, 2), unkept entries counting as -4 (arithmetic, no select: XLA:CPU
+  vectorises that reduction).
+  """
+  parts, weights, scale = ops
+  best = jnp.max(jnp.stack([
+      jnp.max((v / scale) * w.astype(jnp.float32) + (w.astype(jnp.float32) - 1.0) * 4.0,
+              initial=-4.0) for v, w in zip(parts, weights)]))
+  return jnp.where(best > -4.0, best * scale, 0.0)
+
+
 def _m22_design(bits, m, family, method, lloyd_iters, symmetric, sample_width):
   """Per segment: z-score the kept entries, fit the shape on a sample, weighted Lloyd-Max."""
 
@@ -398,12 +411,10 @@ def _m22_design(bits, m, family, method, lloyd_iters, symmetric, sample_width):
                     for v in xs])
       big = F32_MAX / s.scale
       lv = jnp.clip(mu + sd * cz[j], -big, big) * s.scale   # saturate at the float32 range
-      # A kept value itself (not the rounded mean) makes constant and single-entry leaves exact:
-      # the largest kept x / scale (in (-2, 2)); unkept entries count as -4 (arithmetic, no
-      # select: XLA:CPU vectorises that reduction).
-      exact = jnp.max(jnp.stack([jnp.max(v * w + (w - 1.0) * 4.0, initial=-4.0)
-                                 for v, w in zip(xs, ws)]))
-      exact = jnp.where(exact > -4.0, exact * s.scale, 0.0)
+      # A kept value itself (not the rounded mean) makes constant and single-entry leaves exact.
+      # Computed only for degenerate segments (a cond): no pass over the others.
+      exact = jax.lax.cond(degen, _kept_max, lambda ops: jnp.zeros((), jnp.float32),
+                           (s.parts, s.weights, s.scale))
       levels.append(jnp.where(degen, exact, lv))
     return {"levels": Field(jnp.stack(levels).astype(jnp.float32), 32)}, codes
 

@@ -210,7 +210,7 @@ def compact(parts: Sequence[jax.Array], masks: Sequence[jax.Array], capacity: in
   parts = [v for v in parts]
   keep = [i for i, v in enumerate(parts) if v.shape[0]]
   if capacity == 0 or not keep:
-    count = sum((jnp.sum(m, dtype=jnp.int32) for m in masks), jnp.zeros((), jnp.int32))
+    count = sum((count_true(m) for m in masks), jnp.zeros((), jnp.int32))
     return jnp.zeros((capacity,), dtype), jnp.minimum(count, capacity)
   words = [pack_words(masks[i]) for i in keep]
   words = words[0] if len(words) == 1 else jnp.concatenate(words)
@@ -277,7 +277,8 @@ def keep_slack(keep: int, size: int) -> int:
 
 def _magnitude_keys(x: jax.Array) -> jax.Array:
   """int32 keys ordering `|x|` (float bits without the sign; 0 for +-0)."""
-  return jax.lax.bitcast_convert_type(jnp.abs(jax.lax.stop_gradient(x)), jnp.int32)
+  bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x), jnp.int32)
+  return bits & jnp.int32(0x7FFFFFFF)
 
 
 def _sample_positions(sizes: Sequence[int], m: int) -> list[np.ndarray]:
@@ -359,9 +360,8 @@ def threshold_masks(xs: Sequence[jax.Array], keep: int) -> tuple[list[jax.Array]
       lambda st: (st[0] < _ROUNDS) & ~accepted(st[1], st[2]), refine, st)
   _, t, c = jax.lax.cond(accepted(state[1], state[2]), lambda st: st, loop, state)
 
-  return jax.lax.cond(
-      accepted(t, c), lambda _: ([(_magnitude_keys(x) >= t).astype(jnp.uint8) for x in xs], c),
-      exact, None)
+  above = [(_magnitude_keys(x) >= t).astype(jnp.uint8) for x in xs]   # outside the cond:
+  return jax.lax.cond(accepted(t, c), lambda _: (above, c), exact, None)  # fused, not hoisted
 
 
 # ----------------------------------------------------------------------------- codec
@@ -479,7 +479,7 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
       for m in masks:
         r = jnp.clip(exclusive_rank(m) + seen, 0, max(cap - 1, 0))
         out.append(field.data[r] if cap else jnp.zeros(m.shape, field.data.dtype))
-        seen = seen + jnp.sum(m, dtype=jnp.int32)
+        seen = seen + count_true(m)
       return out
 
     values = [None] * len(p.sizes)
