@@ -357,3 +357,14 @@ def test_top_k_threshold_selection_is_exact():
     got = np.asarray(sel(jnp.asarray(vs, jnp.float32), k))
     for g, v in zip(got, vs):
       np.testing.assert_array_equal(g, _top_reference(v, k))
+
+
+def test_top_k_default_sample_at_small_sizes_is_exact():
+  # From `_sparsify.SMALL` elements up the sampled path runs with a sample of D/4 keys
+  # (XLA:CPU's lax.top_k is ~10x slower there); exact against a stable sort, ties included.
+  from fedjax_compress.compressors import _sparsify
+  rng = np.random.default_rng(4)
+  for n, k in ((_sparsify.SMALL, 10), (14_210, 142), (14_210, 3000)):
+    for v in (rng.normal(size=n), rng.integers(-2, 3, n).astype(float)):
+      got = jax.jit(lambda x: _sparsify.top_indices(x, k))(jnp.asarray(v, jnp.float32))
+      np.testing.assert_array_equal(np.asarray(got), _top_reference(v, k))

@@ -70,3 +70,44 @@ def test_functions_without_convs_and_pytrees_pass_through():
   assert not _fastconv.has_conv(jax.make_jaxpr(f)(p, x).jaxpr)
   with pytest.raises(ValueError, match="conv_impl"):
     _fastconv.with_conv_impl(f, "cudnn")
+
+
+@pytest.mark.parametrize("shape,window", [((3, 7, 9, 4), (2, 2)), ((2, 8, 8, 3), (3, 3)),
+                                          ((2, 6, 6, 5), (2, 3))])
+def test_max_pool_rewrite_equals_reduce_window_with_ties(shape, window):
+  """Non-overlapping max pools: same values and, ties included, the same gradient routing
+  (first maximum of each window, as XLA's select_and_scatter); under vmap too."""
+  import flax.linen as nn
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  x = jnp.maximum(x.at[0, 0, 0, 0].set(x[0, 0, 1, 0]), 0.0)  # ties: a pair and ReLU zeros
+  pool = lambda x: nn.max_pool(x, window, strides=window)  # noqa: E731
+  w = jnp.arange(1.0, shape[-1] + 1.0)[None, None, None, :]
+  loss = lambda x: jnp.sum(jnp.sin(pool(x)) * w)  # noqa: E731
+  rewritten = im2col_convs(loss)
+  jaxpr = jax.make_jaxpr(jax.grad(rewritten))(x)
+  assert "select_and_scatter" not in str(jaxpr) and "reduce_window" not in str(jaxpr)
+  np.testing.assert_array_equal(jax.jit(im2col_convs(pool))(x), jax.jit(pool)(x))
+  np.testing.assert_array_equal(jax.jit(jax.grad(rewritten))(x), jax.jit(jax.grad(loss))(x))
+  xs = jnp.stack([x, 2 * x])
+  np.testing.assert_array_equal(jax.jit(jax.vmap(jax.grad(rewritten)))(xs),
+                                jax.vmap(jax.grad(loss))(xs))
+  # the float64 reference: the cotangent goes to the first (row-major) max of each window
+  g = np.zeros(shape)
+  cot = np.cos(np.asarray(pool(x), np.float64)) * np.asarray(w)
+  xn = np.asarray(x, np.float64)
+  for n, i, j, c in np.ndindex(*cot.shape):
+    blk = xn[n, i * window[0]:(i + 1) * window[0], j * window[1]:(j + 1) * window[1], c]
+    a, b = np.unravel_index(np.argmax(blk), blk.shape)  # argmax: first maximum
+    g[n, i * window[0] + a, j * window[1] + b, c] += cot[n, i, j, c]
+  np.testing.assert_allclose(jax.grad(rewritten)(x), g, rtol=1e-6, atol=1e-6)
+
+
+def test_overlapping_or_padded_pools_are_left_alone():
+  """Windows that overlap (stride < window) or pad keep lax's reduce_window."""
+  import flax.linen as nn
+  x = jnp.ones((1, 5, 5, 2))  # SAME pads 5 -> 6 for 2x2 windows
+  for f in (lambda x: nn.max_pool(x, (3, 3), strides=(2, 2)),
+            lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")):
+    assert "reduce_window_max" in str(jax.make_jaxpr(im2col_convs(f))(x))
+    np.testing.assert_array_equal(im2col_convs(f)(x), f(x))

@@ -14,6 +14,13 @@ dilation `r`): `out[n, o, f] = sum_{k, c} x_pad[n, o s + k r, c] w[k, c, f]`, so
 `out = patches @ w.reshape(K C, F)` (per group for `feature_group_count > 1`). Values equal
 the convolution's up to float summation order. Input (lhs) dilation and
 `batch_group_count > 1` keep the original convolution.
+
+Max pools with non-overlapping windows (`window == stride`, no padding or dilation, e.g.
+`flax.linen.max_pool(x, (2, 2), strides=(2, 2))`) are rewritten too: XLA:CPU computes their
+gradient with `select_and_scatter`, ~6x slower than the rest of the pool, so the pool is a
+reshape into `[..., out, window, ...]` blocks and a max, with a custom gradient that routes
+each output's cotangent to the first (row-major) maximum of its window: the same choice as
+`select_and_scatter`'s `>=`, so values and gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 _CONV = jcore.primitives.conv_general_dilated_p
+_MAXPOOL = jcore.primitives.reduce_window_max_p
 _INLINE = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint")
 CONV_IMPLS = ("auto", "xla", "im2col")
 
@@ -44,9 +52,57 @@ def _sub_jaxprs(params: dict) -> list:
 
 
 def has_conv(jaxpr: jcore.Jaxpr) -> bool:
-  """True if `jaxpr` (or any sub-jaxpr) contains a `conv_general_dilated`."""
-  return any(e.primitive is _CONV or any(has_conv(j) for j in _sub_jaxprs(e.params))
+  """True if `jaxpr` (or any sub-jaxpr) has a `conv_general_dilated` or a windowed max."""
+  return any(e.primitive in (_CONV, _MAXPOOL) or any(has_conv(j) for j in _sub_jaxprs(e.params))
              for e in jaxpr.eqns)
+
+
+def _pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """`x` cut to whole windows and reshaped to `[o_0, ..., o_r, prod(window)]` (window last)."""
+  out = [n // w for n, w in zip(x.shape, window)]
+  x = x[tuple(slice(0, o * w) for o, w in zip(out, window))]
+  x = x.reshape([v for o, w in zip(out, window) for v in (o, w)])
+  r = len(window)
+  x = jnp.transpose(x, [2 * i for i in range(r)] + [2 * i + 1 for i in range(r)])
+  return x.reshape(out + [-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  return jnp.max(_pool_blocks(x, window), axis=-1)
+
+
+def _max_pool_fwd(x, window):
+  return _max_pool_blocks(x, window), x
+
+
+def _max_pool_bwd(window, x, g):
+  """Cotangent to the first maximum of each window (row-major), zero elsewhere."""
+  b = _pool_blocks(x, window)
+  hit = b == jnp.max(b, axis=-1, keepdims=True)
+  first = hit & (jnp.cumsum(hit.astype(jnp.int32), axis=-1) == 1)
+  gb = jnp.where(first, g[..., None], jnp.zeros((), g.dtype))
+  out = [n // w for n, w in zip(x.shape, window)]
+  r = len(window)
+  gb = gb.reshape(out + list(window))
+  gb = jnp.transpose(gb, [v for i in range(r) for v in (i, r + i)])
+  gb = gb.reshape([o * w for o, w in zip(out, window)])
+  return (jnp.pad(gb, [(0, n - o * w) for n, o, w in zip(x.shape, out, window)]),)
+
+
+_max_pool_blocks.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_blocks(operand: jax.Array, *, window_dimensions, window_strides, padding,
+                    base_dilation, window_dilation) -> jax.Array | None:
+  """A non-overlapping `reduce_window_max` as reshape + max; None where unsupported."""
+  window = tuple(int(w) for w in window_dimensions)
+  if (tuple(window_strides) != window or any(d != 1 for d in base_dilation)
+      or any(d != 1 for d in window_dilation) or any(p != (0, 0) for p in map(tuple, padding))
+      or not jnp.issubdtype(operand.dtype, jnp.floating)
+      or any(n < w for n, w in zip(operand.shape, window)) or all(w == 1 for w in window)):
+    return None
+  return _max_pool_blocks(operand, window)
 
 
 def conv_im2col(lhs: jax.Array, rhs: jax.Array, *, window_strides, padding, lhs_dilation,
@@ -132,6 +188,9 @@ def _eval(jaxpr: jcore.Jaxpr, consts, args) -> list:
     outs = None
     if eqn.primitive is _CONV:
       out = conv_im2col(*invals, **eqn.params)
+      outs = None if out is None else [out]
+    elif eqn.primitive is _MAXPOOL:
+      out = max_pool_blocks(*invals, **eqn.params)
       outs = None if out is None else [out]
     elif any(has_conv(j) for j in _sub_jaxprs(eqn.params)):
       sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
