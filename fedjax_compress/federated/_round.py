@@ -378,8 +378,10 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   padded with weight-0 clients (`chunk_plan`).
 
   `conv_impl`: 'auto' (im2col on CPU, where XLA runs kernel-gradient convolutions inside
-  loops ~4x slower than as matmuls; unchanged elsewhere), 'im2col' or 'xla' (as written).
-  The rewrite (`models.im2col_convs`) changes no values beyond float rounding.
+  loops ~4x slower than as matmuls, and non-overlapping max pools as reshape + max, whose
+  gradient XLA:CPU runs ~6x slower as `select_and_scatter`; unchanged elsewhere), 'im2col'
+  or 'xla' (as written). The rewrite (`models.im2col_convs`) changes no values beyond float
+  rounding (pool values and gradients are identical).
 
   `algorithm`: None is FedAvg/FedOpt (`server_tx` on the pseudo-gradient); an
   `Algorithm` (`scaffold`, `mime`, `mimelite`, see `federated._algorithms`) adds per-client

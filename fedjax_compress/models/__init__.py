@@ -9,8 +9,9 @@ Public API:
     `CharLM(vocab_size, embed=8, hidden=128)` (GRU),
     `TransformerLM(vocab_size, width=768, layers=12, heads=12, max_len=1024)` (GPT-2 style;
     `TransformerLM.gpt2_small()` has `GPT2_SMALL_PARAMS` = 124,439,808 parameters).
-  - `im2col_convs(fn)`: `fn` with its convolutions computed as matmuls (what the simulator
-    does on CPU by default, `build_round(conv_impl=...)`).
+  - `im2col_convs(fn)`: `fn` with its convolutions computed as matmuls and its
+    non-overlapping max pools as reshape + max (what the simulator does on CPU by default,
+    `build_round(conv_impl=...)`).
   - `create(name, num_classes, **kwargs)`, `init_params(model, example_x, key=0)`.
   - `classification_loss(model) -> loss_fn(params, batch, mask, key)`,
     `accuracy(model) -> accuracy_fn(params, batch, mask=None)`,

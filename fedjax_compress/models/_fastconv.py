@@ -209,7 +209,8 @@ def _eval(jaxpr: jcore.Jaxpr, consts, args) -> list:
 
 
 def im2col_convs(fun: Callable[..., Any]) -> Callable[..., Any]:
-  """`fun` with every convolution computed as strided slices and a matmul (same values).
+  """`fun` with every convolution as strided slices and a matmul, and every non-overlapping
+  max pool as reshape + max (same values and gradients).
 
   Positional arguments are traced (pytrees of arrays); keyword arguments are closed over.
   Functions without a convolution run unchanged.
