@@ -24,27 +24,15 @@ import argparse
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
 
+from fedjax_compress.models._fedjax_models import EmnistCNN  # FedJAX's EMNIST CNN, dropout on
+
 DN = ("NHWC", "HWIO", "NHWC")
-
-
-class EmnistCNN(nn.Module):
-  """FedJAX's EMNIST CNN: conv3x3(32)-conv3x3(64)-maxpool-drop.25-dense128-drop.5-dense62."""
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
-    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.Dropout(0.25, deterministic=not train)(x).reshape((x.shape[0], -1))
-    x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(128)(x)))
-    return nn.Dense(62)(x)
 
 
 def timed(fn, *args, reps: int) -> float:
@@ -87,7 +75,7 @@ def step_fn(batch: int):
   y = jnp.asarray(rng.integers(0, 62, batch).astype(np.int32))
 
   def loss(p, x, y, k):
-    logits = model.apply({"params": p}, x, rngs={"dropout": k})
+    logits = model.apply({"params": p}, x, train=True, rngs={"dropout": k})
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
