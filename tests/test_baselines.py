@@ -364,7 +364,8 @@ def test_top_k_default_sample_at_small_sizes_is_exact():
   # (XLA:CPU's lax.top_k is ~10x slower there); exact against a stable sort, ties included.
   from fedjax_compress.compressors import _sparsify
   rng = np.random.default_rng(4)
-  for n, k in ((_sparsify.SMALL, 10), (14_210, 142), (14_210, 3000)):
-    for v in (rng.normal(size=n), rng.integers(-2, 3, n).astype(float)):
-      got = jax.jit(lambda x: _sparsify.top_indices(x, k))(jnp.asarray(v, jnp.float32))
-      np.testing.assert_array_equal(np.asarray(got), _top_reference(v, k))
+  for n, k, v in ((_sparsify.SMALL, 10, rng.normal(size=_sparsify.SMALL)),
+                  (14_210, 142, rng.normal(size=14_210)),
+                  (14_210, 3000, rng.integers(-2, 3, 14_210).astype(float))):
+    got = jax.jit(lambda x: _sparsify.top_indices(x, k))(jnp.asarray(v, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), _top_reference(v, k))
