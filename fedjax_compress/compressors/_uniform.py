@@ -26,6 +26,7 @@ import numpy as np
 from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
+from fedjax_compress.compressors._sparsify import _popcount, _select_bit
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -132,10 +133,6 @@ def pack_words(mask: jax.Array) -> jax.Array:
                  dtype=jnp.uint32)
 
 
-def _popcount(w: jax.Array) -> jax.Array:
-  return jax.lax.population_count(w).astype(jnp.int32)
-
-
 def word_offsets(words: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`(off, total)`: `off[w] = #set bits in words[:w]` (int32, materialised) and their sum."""
   cnt = _popcount(words)
@@ -154,18 +151,6 @@ def exclusive_rank(mask: jax.Array) -> jax.Array:
   lanes = jnp.arange(32, dtype=jnp.uint32)[None, :]
   below = _popcount(words[:, None] & ((jnp.uint32(1) << lanes) - 1))
   return (off[:, None] + below).reshape(-1)[:n]
-
-
-def _select_bit(word: jax.Array, q: jax.Array) -> jax.Array:
-  """int32 position of the `q`-th (0-based) set bit of uint32 `word` (`q < popcount`)."""
-  pos = jnp.zeros(jnp.shape(word), jnp.int32)
-  for width in (16, 8, 4, 2, 1):  # binary search: is the bit above the low `width` bits?
-    low = _popcount(word & jnp.uint32((1 << width) - 1))
-    up = q >= low
-    q = jnp.where(up, q - low, q)
-    word = jnp.where(up, word >> width, word)
-    pos = pos + jnp.where(up, width, 0)
-  return pos
 
 
 def set_bit_positions(words: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -189,7 +174,7 @@ def set_bit_positions(words: jax.Array, capacity: int) -> tuple[jax.Array, jax.A
   started = exclusive_rank(starts) + starts.astype(jnp.int32)   # inclusive
   j = jnp.arange(capacity, dtype=jnp.int32)
   word = ne_list[jnp.maximum(started - 1, 0)]
-  lane = _select_bit(words[word], j - off[word])
+  lane = _select_bit(words[word], j - off[word]).astype(jnp.int32)
   valid = j < total
   return jnp.where(valid, word * 32 + lane, 0), jnp.minimum(total, capacity)
 
