@@ -33,7 +33,7 @@ from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks
 from fedjax_compress._src.base import Compressor, EmptyState, Field
 from fedjax_compress._src.combinators import flattened
-from fedjax_compress.compressors._sketch import _hashes
+from fedjax_compress.compressors._sketch import _hashes, _median_rows
 from fedjax_compress.compressors._sparsify import top_indices
 
 ERROR_RESETS = ("zero", "subtract")
@@ -69,14 +69,12 @@ def sketch(vec: jax.Array, buckets: jax.Array, signs: jax.Array, cols: int) -> j
 def unsketch(table: jax.Array, buckets: jax.Array, signs: jax.Array) -> jax.Array:
   """Median estimate `g_i ~ median_r s_r(i) S[r, h_r(i)]` of every coordinate.
 
-  The middle of the sorted rows (even rows: `a/2 + b/2`, which cannot overflow).
+  The middle of the sorted rows (even rows: `a/2 + b/2`, which cannot overflow), as
+  `count_sketch`'s decode (`_sketch._median_rows`).
   """
   rows = table.shape[0]
   rid = jnp.arange(rows, dtype=jnp.int32)[:, None]
-  v = jnp.sort(signs * table[rid, buckets], axis=0)
-  if rows % 2:
-    return v[rows // 2]
-  return 0.5 * v[rows // 2 - 1] + 0.5 * v[rows // 2]
+  return _median_rows(signs * table[rid, buckets])
 
 
 def _add(a: jax.Array, b: jax.Array) -> jax.Array:
