@@ -12,7 +12,10 @@ where the registry's toy one does not fit a large model, e.g. top_k at 1 %), one
 run) and printed
 
 - as a multiple of one memory pass: one jitted `g + 1` over the same pytree (read and write of
-  D float32), re-measured between codecs and summarised by its median, and
+  D float32), timed in the same window as the codec: `--rounds` alternations of `--reps`
+  pass runs and `--reps` codec runs, passes = median codec time / median pass time of that
+  window (this box's pass time drifts 3-4x within minutes, with page faults and neighbours;
+  a global median made ratios of codecs timed minutes apart incomparable), and
 - as a multiple of one local SGD step of the MLP (forward, backward and `p - lr g` on a batch
   of `--batch` examples), measured once per size in the same run.
 
@@ -117,6 +120,25 @@ def timeit(fn: Callable, *args, reps: int) -> float:
   return statistics.median(times)
 
 
+def paired(fn: Callable, args: tuple, base: Callable, base_args: tuple, *, reps: int,
+           rounds: int) -> tuple[float, float]:
+  """Median wall seconds of `fn(*args)` and of `base(*base_args)`, timed alternately.
+
+  `rounds` alternations of `reps` runs of each (after a warm-up run of each), so both
+  medians come from the same minutes of a noisy machine.
+  """
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(base(*base_args))
+  times: dict[int, list[float]] = {0: [], 1: []}
+  for _ in range(rounds):
+    for which, (f, a) in enumerate(((base, base_args), (fn, args))):
+      for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*a))
+        times[which].append(time.perf_counter() - t)
+  return statistics.median(times[1]), statistics.median(times[0])
+
+
 def codecs_at_scale(d: int, names: list[str] | None) -> list[tuple[str, Callable[[], Compressor]]]:
   """(name, factory) of the selected registry entries, `AT_SCALE` configurations first."""
   entries = {e.name: e for e in REGISTRY}
@@ -128,7 +150,8 @@ def codecs_at_scale(d: int, names: list[str] | None) -> list[tuple[str, Callable
           for n in selected]
 
 
-def bench_size(d_target: int, names: list[str] | None, reps: int, batch: int) -> list[dict]:
+def bench_size(d_target: int, names: list[str] | None, reps: int, batch: int,
+               rounds: int = 3) -> list[dict]:
   width = mlp_width(d_target)
   params = mlp_params(width, jax.random.key(0))
   d = sum(x.size for x in jax.tree.leaves(params))
@@ -162,7 +185,8 @@ def bench_size(d_target: int, names: list[str] | None, reps: int, batch: int) ->
         out, receiver = c.decode(payload, receiver, keys, g)
         return out, sender, receiver, bits.count(payload)
 
-      sec = timeit(roundtrip, g, sender, receiver, reps=reps)
+      sec, t_pass_here = paired(roundtrip, (g, sender, receiver), one_pass, (g,), reps=reps,
+                                rounds=rounds)
       nbits = roundtrip(g, sender, receiver)[-1]
       nbits = int(nbits)
       del roundtrip
@@ -171,17 +195,18 @@ def bench_size(d_target: int, names: list[str] | None, reps: int, batch: int) ->
       print(f"{name:26s} FAILED: {type(e).__name__}: {msg}", flush=True)
       rows.append({"codec": name, "d": d, "failed": f"{type(e).__name__}: {msg}"})
       continue
-    pass_times.append(timeit(one_pass, g, reps=reps))
-    t_pass = statistics.median(pass_times)
-    row = {"codec": name, "d": d, "sec": sec, "passes": sec / t_pass, "sgd_steps": sec / t_sgd,
+    pass_times.append(t_pass_here)
+    row = {"codec": name, "d": d, "sec": sec, "passes": sec / t_pass_here, "sgd_steps": sec / t_sgd,
            "bits_fraction": nbits / (32 * d)}
     rows.append(row)
-    print(f"{name:26s} {sec * 1e3:10.1f} ms  x{row['passes']:8.1f} passes  "
+    row["t_pass_window"] = t_pass_here
+    print(f"{name:26s} {sec * 1e3:10.1f} ms  x{row['passes']:8.1f} passes "
+          f"(pass {t_pass_here * 1e3:.2f} ms)  "
           f"x{row['sgd_steps']:7.2f} SGD steps  bits {row['bits_fraction']:.4f} of dense",
           flush=True)
   t_pass = statistics.median(pass_times)
   print(f"# D = {d:,}: memory pass median {t_pass * 1e3:.2f} ms over {len(pass_times)} "
-        f"measurements (min {min(pass_times) * 1e3:.2f}, max {max(pass_times) * 1e3:.2f})",
+        f"windows (min {min(pass_times) * 1e3:.2f}, max {max(pass_times) * 1e3:.2f})",
         flush=True)
   for r in rows:
     r["t_pass"], r["t_sgd"] = t_pass, t_sgd
@@ -208,7 +233,8 @@ def markdown(rows: list[dict]) -> str:
   base = {d: cell_any for d in sizes for cell_any in [next(r for r in rows if r['d'] == d)]}
   lines.append("")
   lines.append("Baselines: " + "; ".join(
-      f"D = {d:,}: one pass {base[d]['t_pass'] * 1e3:.2f} ms, one SGD step "
+      f"D = {d:,}: one pass {base[d]['t_pass'] * 1e3:.2f} ms (median of the codecs' windows; "
+      f"passes use each codec's own window), one SGD step "
       f"{base[d]['t_sgd'] * 1e3:.1f} ms" for d in sizes))
   return "\n".join(lines)
 
@@ -218,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--sizes", default="1M,10M,100M",
                   help="comma-separated model sizes (suffix k/M/G), e.g. 1M,10M")
   ap.add_argument("--codecs", default="", help="comma-separated registry names (default: all)")
-  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--reps", type=int, default=5, help="timed runs per round")
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="alternations of pass and codec timing per codec")
   ap.add_argument("--batch", type=int, default=32, help="batch of the SGD-step baseline")
   ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
   ap.add_argument("--list", action="store_true", help="list the codec names and exit")
@@ -230,10 +258,10 @@ def main(argv: list[str] | None = None) -> None:
   sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
   names = [n.strip() for n in args.codecs.split(",") if n.strip()] or None
   print(f"# jax {jax.__version__}, {jax.devices()[0].platform}, "
-        f"{jax.devices()[0].device_kind}; reps {args.reps}", flush=True)
+        f"{jax.devices()[0].device_kind}; reps {args.reps} x rounds {args.rounds}", flush=True)
   rows = []
   for s in sizes:
-    rows += bench_size(s, names, args.reps, args.batch)
+    rows += bench_size(s, names, args.reps, args.batch, args.rounds)
   if args.markdown:
     print()
     print(markdown(rows))
