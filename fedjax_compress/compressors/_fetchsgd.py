@@ -33,7 +33,7 @@ from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks
 from fedjax_compress._src.base import Compressor, EmptyState, Field
 from fedjax_compress._src.combinators import flattened
-from fedjax_compress.compressors._sketch import _hashes, _median_rows
+from fedjax_compress.compressors._sketch import _hashes, _median_rows, row_gather, row_scatter
 from fedjax_compress.compressors._sparsify import top_indices
 
 ERROR_RESETS = ("zero", "subtract")
@@ -57,12 +57,9 @@ def sketch(vec: jax.Array, buckets: jax.Array, signs: jax.Array, cols: int) -> j
   Computed as `m sketch(vec / m)` (`m = max|vec|`), saturating at float32's range, so no
   finite input overflows (NaN/Inf propagate).
   """
-  rows = buckets.shape[0]
   vec = vec.astype(jnp.float32)
   m = jnp.max(jnp.abs(vec), initial=0.0)
-  rid = jnp.arange(rows, dtype=jnp.int32)[:, None]
-  s = jnp.zeros((rows, cols), jnp.float32).at[rid, buckets].add(
-      signs * checks.ratio(vec, jnp.where(m > 0, m, 1.0))[None, :])
+  s = row_scatter(buckets, signs * checks.ratio(vec, jnp.where(m > 0, m, 1.0))[None, :], cols)
   return checks.saturate(s * m, jnp.isfinite(m) & jnp.all(jnp.isfinite(s)))
 
 
@@ -72,9 +69,7 @@ def unsketch(table: jax.Array, buckets: jax.Array, signs: jax.Array) -> jax.Arra
   The middle of the sorted rows (even rows: `a/2 + b/2`, which cannot overflow), as
   `count_sketch`'s decode (`_sketch._median_rows`).
   """
-  rows = table.shape[0]
-  rid = jnp.arange(rows, dtype=jnp.int32)[:, None]
-  return _median_rows(signs * table[rid, buckets])
+  return _median_rows(signs * row_gather(table, buckets))
 
 
 def _add(a: jax.Array, b: jax.Array) -> jax.Array:

