@@ -297,8 +297,9 @@ def test_blocked_search_equals_single_matmul(mode):
 
 @pytest.mark.parametrize("k,dc", [(64, 8), (256, 16), (32, 5)])
 def test_greedy_search_matches_float64_reference(k, dc):
-  """Blocked float32 search vs a float64 argmax of |<c, x>|: indices equal away from float32
-  near-ties, and the chosen score is the max to float32 accuracy; u = <c_k, x>."""
+  """Blocked float32 search vs a float64 argmax of |<c, x>|: indices equal wherever the top
+  two |scores| are more than the stated tolerance (plus float32 score error) apart; the
+  chosen |score| is within that tolerance of the max everywhere; u = <c_k, x>."""
   cb = _hsq.codebook(k, dc)
   x = np.random.default_rng(k + dc).normal(size=(20000, dc)).astype(np.float32)
   x[::97] *= 1e-20                                   # tiny rows: scores far below 1
@@ -309,25 +310,68 @@ def test_greedy_search_matches_float64_reference(k, dc):
   p = x.astype(np.float64) @ cb.astype(np.float64).T
   a = np.abs(p)
   ref = a.argmax(1)
+  tol = _hsq.search_tolerance(k) + 2e-6               # key truncation + float32 scores
+  assert _hsq.search_tolerance(k) == 2.0**(math.ceil(math.log2(k)) - 23)
   top2 = -np.sort(-a, axis=1)[:, :2]
-  clear = top2[:, 0] - top2[:, 1] > 1e-5 * top2[:, 0]
+  clear = top2[:, 0] - top2[:, 1] > tol * top2[:, 0]
   assert clear.mean() > 0.99
   np.testing.assert_array_equal(idx[clear], ref[clear])
   rows = np.arange(len(x))
-  np.testing.assert_array_less(a.max(1) * (1 - 1e-5), a[rows, idx] * (1 + 1e-12) + 1e-45)
+  np.testing.assert_array_less(a.max(1) * (1 - tol), a[rows, idx] * (1 + 1e-12) + 1e-45)
   np.testing.assert_allclose(u, p[rows, idx], rtol=1e-5, atol=0)
 
 
+def test_greedy_search_near_ties_within_key_tolerance():
+  """Scores crafted to differ by less / more than the key's resolution 2^(b-23): the search
+  may take either codeword in the first case, must take the larger in the second; u is the
+  chosen codeword's own score, with its sign."""
+  k = 64
+  tol = _hsq.search_tolerance(k)
+  cb = jnp.eye(k, dtype=jnp.float32)[:, :k]          # scores = coordinates
+  x = np.zeros((4, k), np.float32)
+  x[0, [3, 9]] = [1.0, -(1.0 + 0.25 * tol)]          # within tolerance: 3 or 9
+  x[1, [3, 9]] = [1.0, -(1.0 + 4.0 * tol)]           # beyond it: 9 (the negative one)
+  x[2, [5, 7]] = [-2.0, 2.0]                          # exact tie: lowest index, its sign
+  x[3, 10] = 1e-39                                    # below 2^-126: still valid, u exact
+  idx, u = _hsq._search_greedy(jnp.asarray(x), cb)
+  idx, u = np.asarray(idx), np.asarray(u)
+  assert idx[0] in (3, 9) and u[0] == x[0, idx[0]]
+  assert idx[1] == 9 and u[1] == x[1, 9]
+  assert idx[2] == 5 and u[2] == -2.0
+  assert 0 <= idx[3] < k and u[3] == x[3, idx[3]]
+
+
 def test_greedy_search_exact_ties_and_nan():
-  """Exact |p| ties: the positive score wins, then the lowest index; zero rows -> 0; NaN -> K-1."""
+  """Exact |p| ties of either sign: the lowest index; zero rows -> 0; NaN -> K-1."""
   cb = jnp.eye(4, dtype=jnp.float32)
   x = jnp.array([[1, -1, 0, 0], [-1, 1, 0, 0], [-2, 0, 2, 2], [-2, -2, 0, 0], [0, 0, 0, 0],
                  [0, -3, 0, -3], [np.nan, 0, 0, 0]], jnp.float32)
   for block in (None, 2):   # one block and blocked (lax.map) code paths
     k, u = _hsq._search_greedy(x, cb, block)
-    np.testing.assert_array_equal(k, [0, 1, 2, 0, 0, 1, 3])
-    np.testing.assert_array_equal(u[:6], [1, 1, 2, -2, 0, -3])
+    np.testing.assert_array_equal(k, [0, 0, 0, 0, 0, 1, 3])
+    np.testing.assert_array_equal(u[:6], [1, -1, -2, -2, 0, -3])
     assert np.isnan(u[6])
+
+
+def test_stochastic_round_is_unbiased_to_2e17():
+  """16-bit stochastic rounding: levels are floor(v) or floor(v)+1, integers stay put, and
+  the mean over 4000 keys matches E[level] = floor(v) + round(2^16 frac)/2^16 (within
+  2^-17 of v) to 5 sigma; odd lengths use half a word."""
+  v = np.array([-2.5, -0.75, 0.0, 0.3, 1.0, 3.999, 7.125, -6.001, 0.5], np.float32)
+  draws = np.asarray(jax.vmap(lambda key: _hsq._stochastic_round(key, jnp.asarray(v)))(
+      jax.random.split(jax.random.key(4), 4000)), np.float64)
+  low = np.floor(v.astype(np.float64))
+  assert np.all((draws == low) | (draws == low + 1))
+  np.testing.assert_array_equal(draws[:, [2, 4]], np.broadcast_to(v[[2, 4]], (4000, 2)))
+  frac = v.astype(np.float64) - low
+  expect = low + np.round(frac * 65536) / 65536
+  assert np.all(np.abs(expect - v) <= 2.0**-17)
+  sigma = np.sqrt(frac * (1 - frac) / 4000)
+  np.testing.assert_array_less(np.abs(draws.mean(0) - expect), 5 * sigma + 1e-12)
+  # the pairs of entries sharing a word are not coupled: up-indicators uncorrelated
+  up = draws - low
+  r = np.corrcoef(up[:, 0], up[:, 1])[0, 1]
+  assert abs(r) < 5 / np.sqrt(4000)
 
 
 def test_default_search_block_bounds_scores_to_4mib():
