@@ -26,7 +26,7 @@ from jax.scipy import special as jsp
 
 from fedjax_compress._src import checks
 from fedjax_compress._src.base import Compressor, Field
-from fedjax_compress.compressors._uniform import F32_MAX, scalar_codec
+from fedjax_compress.compressors._uniform import F32_MAX, materialize, scalar_codec
 
 FAMILIES = ("gennorm", "weibull")
 SHAPE_BOUNDS = (0.2, 3.0)  # spec 1.2 bracket for the shape (beta or c); fits are clamped to it
@@ -304,6 +304,43 @@ def _digitize(z: jax.Array, thresholds: jax.Array) -> jax.Array:
   return code
 
 
+def _float_key(x: jax.Array) -> jax.Array:
+  """uint32 keys in the order of float32 `x` (-inf first, +inf last; -0 just below +0)."""
+  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _key_float(k: jax.Array) -> jax.Array:
+  """Inverse of `_float_key`."""
+  b = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _raw_cuts(t: jax.Array, scale: jax.Array, mu: jax.Array, sd: jax.Array) -> jax.Array:
+  """Smallest float32 `x` with `f(x) = (x / scale - mu) / sd >= t`, elementwise (NaN if none).
+
+  Found by bisection on the 2^32 ordered float keys (32 steps, on `[S, L-1]` scalars), so
+  coding `x >= cut` needs no division per entry. Codes equal those of the per-entry float32
+  z-scores except for entries whose z-score is within float32 rounding (~1 ulp) of a
+  threshold: XLA:CPU's float32 divide is not correctly rounded (~1 ulp, and not the same in
+  every loop), so the per-entry codes were not better defined there; the cuts make the
+  quantizer exactly monotone in `x` (tests/test_bit_planes.py).
+  """
+  f = lambda x: (x / scale - mu) / sd
+  lo = jnp.broadcast_to(_float_key(jnp.float32(-jnp.inf)), t.shape)
+  hi = jnp.broadcast_to(_float_key(jnp.float32(jnp.inf)), t.shape)
+
+  def body(_, state):
+    lo, hi = state
+    mid = lo + (hi - lo) // 2
+    ok = f(_key_float(mid)) >= t
+    return jnp.where(ok | (lo >= hi), lo, mid + 1), jnp.where(ok, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+  cut = _key_float(lo)
+  return jnp.where(f(cut) >= t, cut, jnp.nan)
+
+
 # ----------------------------------------------------------------------------- codec
 
 
@@ -404,11 +441,17 @@ def _m22_design(bits, m, family, method, lloyd_iters, symmetric, sample_width):
     shape = jnp.where(degenerate, 2.0, jnp.stack(shape))
     scale = jnp.where(degenerate, 1.0, jnp.stack(scale))
     cz, tz = _lloyd_max(family, shape, scale, bits, jnp.float32(m), lloyd_iters, symmetric)
+    # Thresholds mapped back to raw values (exact: same codes as digitizing the z-scores).
+    seg_scale = jnp.stack([s.scale for s in segs])[:, None]
+    cuts = _raw_cuts(tz, seg_scale, jnp.stack([st[2] for st in stats])[:, None],
+                     jnp.stack([st[3] for st in stats])[:, None])
+    # Degenerate segments code everything as 0 (no cut is reached). Materialised: XLA would
+    # otherwise recompute these scalars for every entry of the D-sized digitize loop.
+    cuts = materialize(jnp.where(degenerate[:, None], jnp.nan, cuts))
     levels, codes = [], []
     for j, s in enumerate(segs):
       xs, ws, mu, safe_sd, sd, degen = stats[j]
-      codes.append([jnp.where(degen, 0, _digitize((v - mu) / safe_sd, tz[j])).astype(jnp.uint8)
-                    for v in xs])
+      codes.append([_digitize(v, cuts[j]).astype(jnp.uint8) for v in s.parts])
       big = F32_MAX / s.scale
       lv = jnp.clip(mu + sd * cz[j], -big, big) * s.scale   # saturate at the float32 range
       # A kept value itself (not the rounded mean) makes constant and single-entry leaves exact.
@@ -422,7 +465,18 @@ def _m22_design(bits, m, family, method, lloyd_iters, symmetric, sample_width):
 
 
 def _m22_levels(side, s, codes):
-  return side["levels"][s][codes]
+  """`levels[s][codes]`; a select tree on the materialised row up to 16 levels (no gather)."""
+  row = materialize(side["levels"][s])
+  n = row.shape[0]
+  if n > 16:
+    return row[codes]
+  vals = [row[i] for i in range(n)]
+  bit = 1
+  while len(vals) > 1:   # level i sits at leaf i; pick by the code's bits, lowest first
+    on = (codes & bit) != 0
+    vals = [jnp.where(on, b, a) for a, b in zip(vals[0::2], vals[1::2])]
+    bit *= 2
+  return jnp.broadcast_to(vals[0], codes.shape)
 
 
 def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
@@ -448,7 +502,9 @@ def m22(bits: int = 1, *, m: float = 0.0, family: str = "gennorm",
   magnitude threshold keeping `k` within 1 % (`_uniform.threshold_masks`; the bits bill
   the count actually sent). At the defaults the levels stay within 3% of the segment's
   std of the exact design (tests/test_m22.py, tests/test_scalar_codec_fast_paths.py) at a
-  fitting cost independent of `D`.
+  fitting cost independent of `D`. Codes compare raw values against the thresholds mapped
+  back through the z-scoring (`_raw_cuts`: equal to coding the float32 z-scores up to 1 ulp
+  of rounding at a threshold).
 
   Bits: `pos + (len + R n_q) + 32 S 2^R + (len + 32 n_r)`, where `n_q`/`n_r` are the kept
   quantized/raw entries, `S` the number of fitted segments, `len` a `length_bits` header

@@ -9,7 +9,9 @@ Speed: every step is a few passes over the update. Top-k is an exact radix selec
 65,536-bin histograms of the float bits, ties by lowest index) up to `EXACT_SIZE` entries
 and above that a magnitude threshold from a sample, corrected by exact counts (`k` within
 `KEEP_TOLERANCE`, `threshold_masks`); ranks come from popcounts of 32-bit mask words and
-compaction gathers (`set_bit_positions`) instead of scattering over `D`. Robustness: each segment is
+compaction gathers (`set_bit_positions`) instead of scattering over `D`; codes are compacted
+and expanded as bit planes with word-level PEXT/PDEP networks (`compact_codes`,
+`expand_codes`: no per-entry gather, which XLA:CPU runs as a scalar loop). Robustness: each segment is
 rescaled by a power of two (exact) so sums and ranges never overflow, levels saturate at
 the float32 range, and decoded values at the range of the template's dtype.
 """
@@ -122,15 +124,31 @@ def materialize(x: jax.Array) -> jax.Array:
   return jnp.max(jnp.stack([x, jnp.full_like(x, low)]), axis=0)
 
 
+def by_rows32(fn: Callable[[jax.Array], jax.Array], v: jax.Array) -> jax.Array:
+  """`fn(rows)` for the rows of 32 of `v[n]` (zero padded), concatenated along axis 0.
+
+  The whole rows are a reshape and only the last short row is padded: a `pad` inside a
+  fused reduction makes XLA:CPU check bounds per element (~2x slower).
+  """
+  n = v.shape[0]
+  n0 = n - n % 32
+  parts = [fn(v[:n0].reshape(-1, 32))] if n0 else []
+  if n0 < n:
+    parts.append(fn(jnp.pad(v[n0:], (0, 32 - (n - n0)))[None, :]))
+  if not parts:
+    return fn(v.reshape(0, 32))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
 def pack_words(mask: jax.Array) -> jax.Array:
   """uint32 words of a bool `mask[n]`: bit `l` of word `w` is `mask[32 w + l]` (zero padded)."""
-  n = mask.shape[0]
-  nw = -(-n // 32)
-  m = jnp.pad(mask, (0, nw * 32 - n)).reshape(nw, 4, 8).astype(jnp.uint32)
-  b = jnp.sum(m << jnp.arange(8, dtype=jnp.uint32)[None, None, :], axis=2,
-              dtype=jnp.uint32)  # bytes first
-  return jnp.sum(b << (8 * jnp.arange(4, dtype=jnp.uint32))[None, :], axis=1,
-                 dtype=jnp.uint32)
+  def pack(rows):
+    m = rows.reshape(-1, 4, 8).astype(jnp.uint32)
+    b = jnp.sum(m << jnp.arange(8, dtype=jnp.uint32)[None, None, :], axis=2,
+                dtype=jnp.uint32)  # bytes first
+    return jnp.sum(b << (8 * jnp.arange(4, dtype=jnp.uint32))[None, :], axis=1,
+                   dtype=jnp.uint32)
+  return by_rows32(pack, mask)
 
 
 def word_offsets(words: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -203,6 +221,124 @@ def compact(parts: Sequence[jax.Array], masks: Sequence[jax.Array], capacity: in
   values = _padded_concat([parts[i] for i in keep], dtype)
   valid = jnp.arange(capacity) < count
   return jnp.where(valid, values[pos], jnp.zeros((), dtype)), count
+
+
+def _prefix_xor(v: jax.Array) -> jax.Array:
+  """Bit `i` of the result is the XOR of bits `0..i` of uint32 `v`."""
+  for s in (1, 2, 4, 8, 16):
+    v = v ^ (v << s)
+  return v
+
+
+def _move_masks(m: jax.Array) -> list[jax.Array]:
+  """The 5 move masks of the bit compress / expand network for uint32 masks `m`.
+
+  Round `i` moves by `2^i` the bits of `m` whose count of zeros of `m` below them, not yet
+  moved, has bit `i` set (Hacker's Delight 7-4). Bit-parallel: a few dozen word operations.
+  """
+  mk = ~m << 1
+  out = []
+  for i in range(5):
+    mp = _prefix_xor(mk)
+    mv = mp & m
+    out.append(mv)
+    m = (m ^ mv) | (mv >> (1 << i))
+    mk = mk & ~mp
+  return out
+
+
+def compress_bits(x: jax.Array, m: jax.Array) -> jax.Array:
+  """The bits of uint32 `x` where `m` is set, packed to the low end in order (PEXT)."""
+  x = x & m
+  for i, mv in enumerate(_move_masks(m)):
+    t = x & mv
+    x = (x ^ t) | (t >> (1 << i))
+  return x
+
+
+def expand_bits(x: jax.Array, m: jax.Array) -> jax.Array:
+  """The low `popcount(m)` bits of uint32 `x` spread, in order, to the set bits of `m` (PDEP)."""
+  mvs = _move_masks(m)
+  for i in range(4, -1, -1):
+    x = (x & ~mvs[i]) | ((x << (1 << i)) & mvs[i])
+  return x & m
+
+
+def _plane_words(codes: jax.Array, bits: int) -> jax.Array:
+  """`[ceil(n/32), bits]` uint32: bit `l` of word `(w, b)` is bit `b` of `codes[32 w + l]`."""
+  lanes = jnp.arange(32, dtype=jnp.uint32)[None, None, :]
+  b = jnp.arange(bits, dtype=jnp.uint32)[None, :, None]
+  return by_rows32(lambda rows: jnp.sum(((rows.astype(jnp.uint32)[:, None, :] >> b) & 1) << lanes,
+                                        axis=2, dtype=jnp.uint32), codes)
+
+
+def compact_codes(codes: Sequence[jax.Array], masks: Sequence[jax.Array], capacity: int,
+                  bits: int) -> tuple[jax.Array, jax.Array]:
+  """`compact(codes, masks, capacity, uint8)` for `bits`-bit codes, with no per-slot gather.
+
+  Bit planes, 32 entries a word: per mask word `w` (`off[w]` set bits before it over all
+  masks) and plane, the kept entries' bits are packed to the low end (`compress_bits`) and
+  added into the plane stream at bit `off[w]` (two words per `w`: a scatter of `2 D / 32`
+  updates instead of `capacity` scalar gathers). Slot `j` reads bit `j` of every plane.
+  Same output as `compact`.
+  """
+  nwp = -(-capacity // 32)
+  idx, upd = [], []
+  seen = jnp.zeros((), jnp.int32)
+  for c, m in zip(codes, masks):
+    if m.shape[0] == 0:
+      continue
+    words = pack_words(m)
+    off, total = word_offsets(words)
+    e = compress_bits(_plane_words(c, bits), materialize(words)[:, None])   # [nw, bits]
+    start = off + seen
+    sh = (start & 31).astype(jnp.uint32)[:, None]
+    q = start >> 5
+    idx += [q, q + 1]
+    upd += [e << sh, jnp.where(sh == 0, jnp.uint32(0), e >> ((32 - sh) & 31))]
+    seen = seen + total
+  count = jnp.minimum(seen, capacity)
+  if capacity == 0 or not idx:
+    return jnp.zeros((capacity,), jnp.uint8), count
+  planes = jnp.zeros((nwp + 1, bits), jnp.uint32).at[jnp.concatenate(idx)].add(
+      jnp.concatenate(upd), mode="drop")[:nwp]                  # disjoint bits: add = or
+  lanes = jnp.arange(32, dtype=jnp.uint32)[None, None, :]
+  code = jnp.sum(((planes[:, :, None] >> lanes) & 1) << jnp.arange(bits, dtype=jnp.uint32)[
+      None, :, None], axis=1, dtype=jnp.uint32)
+  return code.reshape(-1)[:capacity].astype(jnp.uint8), count
+
+
+def expand_codes(data: jax.Array, masks: Sequence[jax.Array], bits: int) -> list[jax.Array]:
+  """Inverse of `compact_codes`: per mask, the code of its `r`-th set entry (`r` counted over
+  all masks in order) at that entry; int32, unspecified where unset.
+
+  No per-entry gather: for mask word `w` each bit plane's 32 bits from bit `off[w]` are read
+  once (a funnel shift of 2 plane words) and spread to the word's set bits (`expand_bits`);
+  entry `(w, l)` then takes bit `l`.
+  """
+  cap = data.shape[0]
+  nwp = -(-cap // 32)
+  planes = jnp.pad(_plane_words(data, bits), ((0, 1), (0, 0)))    # [nwp + 1, bits]
+  lanes = jnp.arange(32, dtype=jnp.uint32)[None, None, :]
+  plane_bits = jnp.arange(bits, dtype=jnp.uint32)[None, :, None]
+  out, seen = [], jnp.zeros((), jnp.int32)
+  for m in masks:
+    n = m.shape[0]
+    if n == 0 or cap == 0:
+      out.append(jnp.zeros((n,), jnp.int32))
+      continue
+    words = pack_words(m)
+    off, total = word_offsets(words)
+    start = off + seen
+    q = jnp.minimum(start >> 5, nwp)
+    sh = (start & 31).astype(jnp.uint32)[:, None]
+    lo, hi = planes[q], planes[jnp.minimum(q + 1, nwp)]
+    window = jnp.where(sh == 0, lo, (lo >> sh) | (hi << ((32 - sh) & 31)))
+    spread = materialize(expand_bits(window, materialize(words)[:, None]))   # [nw, bits]
+    code = jnp.sum(((spread[:, :, None] >> lanes) & 1) << plane_bits, axis=1, dtype=jnp.uint32)
+    out.append(code.reshape(-1)[:n].astype(jnp.int32))
+    seen = seen + total
+  return out
 
 
 def _suffix_pick(hist: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -287,8 +423,9 @@ def count_true(mask: jax.Array) -> jax.Array:
   n = mask.shape[0]
   if n == 0:
     return jnp.zeros((), jnp.int32)
-  rows = jnp.pad(mask.astype(jnp.uint8), (0, -n % 32)).reshape(-1, 32)
-  return jnp.sum(jnp.sum(rows, axis=1, dtype=jnp.uint8).astype(jnp.int32))
+  per_row = by_rows32(lambda rows: jnp.sum(rows.astype(jnp.uint8), axis=1, dtype=jnp.uint8),
+                      mask)
+  return jnp.sum(per_row.astype(jnp.int32))
 
 
 def threshold_masks(xs: Sequence[jax.Array], keep: int) -> tuple[list[jax.Array], jax.Array]:
@@ -425,7 +562,7 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
       if dense:
         payload["codes"] = tuple(Field(c.astype(jnp.uint8), bits) for c in leaf_codes)
       else:
-        data, count = compact(leaf_codes, kept[:nq], min(p.capacity, p.n_q), jnp.uint8)
+        data, count = compact_codes(leaf_codes, kept[:nq], min(p.capacity, p.n_q), bits)
         payload["codes"] = Field(data, bits, count)
     if nq < len(xs):
       if dense:
@@ -470,7 +607,7 @@ def scalar_codec(*, bits: int, top_fraction: Optional[float], iso_bit: bool,
     values = [None] * len(p.sizes)
     if nq:
       codes = ([f.data for f in payload["codes"]] if dense
-               else gather(payload["codes"], kept[:nq]))
+               else expand_codes(payload["codes"].data, kept[:nq], bits))
       for s, leaf_ids in enumerate(p.segments):
         for j in leaf_ids:
           v = levels(side, s, codes[j].astype(jnp.int32))
