@@ -61,6 +61,8 @@ def error_feedback(inner: Compressor) -> Compressor:
                          "error_feedback: updates vs the residual of `init(params)`")
     x = jax.tree.map(_sum, updates, state.residual)
     if sparse_coords is not None:  # x once in memory: the selection reads it, not g and e
+      # (XLA:CPU strips the barrier before fusion; there x stays in memory anyway, because
+      # the residual below is written into its buffer in place.)
       x = jax.lax.optimization_barrier(x)
     payload, sender = inner.encode(x, state.inner, keys, params)
     if sparse_coords is not None:  # decoded = values at distinct idx: change k entries of x
