@@ -10,13 +10,13 @@ from fedjax_compress.compressors import _sketch
 ROWS, COLS, SIZE = 3, 64, 1 << 15
 
 
-def _np_fmix32(x: np.ndarray) -> np.ndarray:
+def _np_mix32(x: np.ndarray) -> np.ndarray:
   x = x.astype(np.uint64)
   m = np.uint64(0xFFFFFFFF)
   x ^= x >> np.uint64(16)
-  x = (x * np.uint64(0x85EBCA6B)) & m
-  x ^= x >> np.uint64(13)
-  x = (x * np.uint64(0xC2B2AE35)) & m
+  x = (x * np.uint64(0x7FEB352D)) & m
+  x ^= x >> np.uint64(15)
+  x = (x * np.uint64(0x846CA68B)) & m
   x ^= x >> np.uint64(16)
   return x
 
@@ -24,8 +24,8 @@ def _np_fmix32(x: np.ndarray) -> np.ndarray:
 def _np_hashes(key, rows, cols, size):
   seeds = np.asarray(jax.random.bits(key, (2, rows, 1), jnp.uint32)).astype(np.uint64)
   i = np.arange(size, dtype=np.uint64)[None, :]
-  h = _np_fmix32((_np_fmix32(i ^ seeds[0]) + seeds[1]) & np.uint64(0xFFFFFFFF))
-  top = _np_fmix32(h ^ np.uint64(0x9E3779B9)) >> np.uint64(31)
+  h = _np_mix32((_np_mix32(i ^ seeds[0]) + seeds[1]) & np.uint64(0xFFFFFFFF))
+  top = _np_mix32(h ^ np.uint64(0x9E3779B9)) >> np.uint64(31)
   return (h % np.uint64(cols)).astype(np.int64), 1.0 - 2.0 * top.astype(np.float64)
 
 

@@ -12,19 +12,10 @@ from fedjax_compress._src import checks
 from fedjax_compress._src.base import Compressor, Field, stateless_init
 from fedjax_compress._src.combinators import flattened
 from fedjax_compress.compressors._sparsify import top_indices
+from fedjax_compress.ops._fastfood import _keyed_hash, _mix32
 
 
-_FMIX = (0x85EBCA6B, 0xC2B2AE35)  # the 32-bit finaliser constants of MurmurHash3
-_SIGN_SALT = 0x9E3779B9            # floor(2^32 / golden ratio): separates the sign stream
-
-
-def _fmix32(x: jax.Array) -> jax.Array:
-  """A bijective avalanche mix of uint32: xor-shift 16, multiply, xor-shift 13, multiply, xor-shift 16."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(_FMIX[0])
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(_FMIX[1])
-  return x ^ (x >> 16)
+_SIGN_SALT = 0x9E3779B9  # floor(2^32 / golden ratio): separates the sign stream
 
 
 def _hashes(key: jax.Array, rows: int, cols: int, size: int) -> tuple[jax.Array, jax.Array]:
@@ -32,9 +23,9 @@ def _hashes(key: jax.Array, rows: int, cols: int, size: int) -> tuple[jax.Array,
 
   Counter-based, elementwise (no random stream of `rows * size` draws): two uint32 seeds
   per row `(a_r, b_r)` come from `key`; coordinate `i` of row `r` hashes to
-  `h = F(F(i ^ a_r) + b_r)` with `F = _fmix32`, bucket `h mod cols`, and sign from the top
-  bit of `F(h ^ c)`. `F` is a bijection, so within a row distinct coordinates get distinct
-  `h`; buckets are uniform up to the modulo bias `cols / 2^32`. The hash is not a proven
+  `h = F(F(i ^ a_r) + b_r)` (`F = _mix32`: Fastfood's `_keyed_hash`), bucket `h mod cols`,
+  and sign from the top bit of `F(h ^ c)`. `F` is a bijection, so within a row distinct
+  coordinates get distinct `h`; buckets are uniform up to the modulo bias `cols / 2^32`. The hash is not a proven
   pairwise-independent family (FetchSGD's `(a i + b) mod p`); its collision rate, bucket
   balance and sign balance are tested against those of one. `size < 2^32`.
   Previously `jax.random.randint`/`rademacher` streams, ~60 memory passes at D = 10M.
@@ -43,9 +34,9 @@ def _hashes(key: jax.Array, rows: int, cols: int, size: int) -> tuple[jax.Array,
     raise ValueError(f"count sketch: at most 2^32 - 1 coordinates, got {size}")
   seeds = jax.random.bits(key, (2, rows, 1), jnp.uint32)
   i = jax.lax.broadcasted_iota(jnp.uint32, (rows, size), 1)
-  h = _fmix32(_fmix32(i ^ seeds[0]) + seeds[1])
+  h = _keyed_hash(i, seeds)
   buckets = (h % jnp.uint32(cols)).astype(jnp.int32)
-  top = (_fmix32(h ^ jnp.uint32(_SIGN_SALT)) >> 31).astype(jnp.int32)
+  top = (_mix32(h ^ jnp.uint32(_SIGN_SALT)) >> 31).astype(jnp.int32)
   signs = (1 - 2 * top).astype(jnp.float32)
   return buckets, signs
 
