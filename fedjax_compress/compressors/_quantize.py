@@ -10,6 +10,7 @@ import numpy as np
 
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
+from fedjax_compress.ops._fastfood import _mix32
 
 
 def level_width(levels: int) -> int:
@@ -29,15 +30,6 @@ def _buckets(vec: jax.Array, bucket_size: int) -> jax.Array:
 
 MAX_LEVELS = 2**23
 """Largest `qsgd` level count: `s |v_i| / n` keeps a fractional part in float32 up to 2^23."""
-
-
-def _mix32(h: jax.Array) -> jax.Array:
-  """A 32-bit integer finalizer (xorshift-multiply, full avalanche); uint32 -> uint32."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x7FEB352D)
-  h = h ^ (h >> 15)
-  h = h * jnp.uint32(0x846CA68B)
-  return h ^ (h >> 16)
 
 
 def _uniform_at(seed: jax.Array, idx: jax.Array) -> jax.Array:
