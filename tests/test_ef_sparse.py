@@ -104,6 +104,27 @@ def test_sparse_path_telescopes_in_float64():
   assert np.count_nonzero(e) > 0
 
 
+@pytest.mark.parametrize("k", [1, 6, 40])
+def test_top_k_support_is_the_sent_set_under_ties(k):
+  """Integer-valued leaves (many ties at the k-th magnitude, +-0, a NaN): the mask of
+  `top_k_support` is exactly the set of sent indices (NumPy), and EF's residual equals the
+  dense path bit for bit."""
+  rng = np.random.default_rng(k)
+  tree = {n: jnp.asarray(rng.integers(-3, 4, size=s), jnp.float32) for n, s in SHAPES.items()}
+  tree["a"] = tree["a"].at[0, 0].set(-0.0)
+  inner = compressors.top_k(k)
+  p, _ = jax.jit(inner.encode)(tree, None, _keys(0))
+  mask = inner.decode.exact_support(p, _keys(0), tree)
+  got = np.flatnonzero(np.asarray(layout.ravel(jax.tree.map(lambda m: m.astype(jnp.float32),
+                                                             mask))))
+  np.testing.assert_array_equal(got, np.asarray(p["indices"].data))
+  trees = [tree, _tree(3)]
+  _assert_same(_run(error_feedback(inner), trees), _run(error_feedback(_generic(inner)), trees))
+  nan_tree = dict(tree, c=tree["c"].at[2].set(jnp.nan))
+  _assert_same(_run(error_feedback(inner), [nan_tree]),
+               _run(error_feedback(_generic(inner)), [nan_tree]))
+
+
 def test_generic_inners_keep_the_dense_path():
   for inner in (compressors.qsgd(2), compressors.sign_sgd(scaled=True),
                 compressors.power_sgd(1), compressors.lbgm(compressors.top_k(3), 0.4)):

@@ -33,6 +33,10 @@ def error_feedback(inner: Compressor) -> Compressor:
   Sparse inners (`top_k`, `random_k`: `decode.sparse_coords` gives their distinct indices
   and values, and their decode keeps its state) skip the dense decode: `e'` is `x` with
   `e'_i = sat(x_i - v_i)` written at the `k` sent indices (the same float32 result).
+  Inners whose decode reproduces `x` exactly on a mask and is zero elsewhere (`top_k`:
+  `decode.exact_support(payload, keys, x)`) get `e' = where(mask, x - x, x)` instead, one
+  elementwise pass that XLA fuses with `x = g + e` (`x - x`: 0, or NaN for non-finite `x`,
+  as `sat(x - x)`).
 
   Warns (`UserWarning`) for unscaled `sign_sgd()`: it decodes to `+-1` whatever the
   magnitude of `x`, so the residual tracks `x - sign(x)` and, at ordinary server learning
@@ -45,7 +49,9 @@ def error_feedback(inner: Compressor) -> Compressor:
                   "whatever their magnitude, so error feedback diverges at ordinary learning "
                   "rates; use sign_sgd(scaled=True)", UserWarning, stacklevel=2)
 
-  sparse_coords = getattr(inner.decode, "sparse_coords", None)
+  exact_support = getattr(inner.decode, "exact_support", None)
+  sparse_coords = (None if exact_support is not None
+                   else getattr(inner.decode, "sparse_coords", None))
 
   def _sum(a, b):
     """`a + b` in float32, saturating where both are finite."""
@@ -65,6 +71,10 @@ def error_feedback(inner: Compressor) -> Compressor:
       # the residual below is written into its buffer in place.)
       x = jax.lax.optimization_barrier(x)
     payload, sender = inner.encode(x, state.inner, keys, params)
+    if exact_support is not None:  # decoded = x on the mask, 0 off it: one fused pass
+      mask = exact_support(payload, keys, x)
+      residual = jax.tree.map(lambda a, m: jnp.where(m, a - a, a), x, mask)
+      return payload, ErrorFeedbackState(sender, residual, state.mirror)
     if sparse_coords is not None:  # decoded = values at distinct idx: change k entries of x
       idx, vals, increasing = sparse_coords(payload, keys, x)
       residual = layout.replace_at(x, idx, -vals.astype(jnp.float32), _sum, increasing)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -277,11 +277,38 @@ def top_k(k: Optional[int] = None, *, fraction: Optional[float] = None) -> Compr
   def aggregate_coords(payloads, weights, keys, size):
     return payloads["indices"].data, payloads["values"].data * weights[:, None]
 
-  return _global_sparse(encode_fn, decode_coords, aggregate_coords, increasing=True)
+  def exact_support(payload, keys, x):
+    return top_k_support(payload["indices"].data, payload["values"].data, x)
+
+  return _global_sparse(encode_fn, decode_coords, aggregate_coords, increasing=True,
+                        exact_support=exact_support)
+
+
+def top_k_support(idx: jax.Array, values: jax.Array, x: Any) -> Any:
+  """bool pytree shaped like `x`: where `ravel(x)`'s exact top-`k` (lowest-index ties) are.
+
+  `idx`, `values`: that selection (`values = ravel(x)[idx]`, float32). With keys
+  `q = magnitude_keys`, `b = min q(values)` and `l` the largest sent index with `q = b`,
+  an exact top-`k` with lowest-index ties is `{i: q_i > b} | {i: q_i = b, i <= l}`; the
+  mask is that elementwise predicate (no scatter), so it fuses into one pass over `x`.
+  """
+  leaves, treedef = jax.tree.flatten(x)
+  if int(np.shape(idx)[0]) == 0:
+    return jax.tree.unflatten(treedef, [jnp.zeros(np.shape(l), bool) for l in leaves])
+  kv = magnitude_keys(values)
+  big = jnp.min(kv)
+  last = jnp.max(jnp.where(kv == big, idx.astype(jnp.uint32), jnp.uint32(0)))
+  out = []
+  for leaf, o in zip(leaves, layout.leaf_offsets(leaves)):
+    shape = np.shape(leaf)
+    q = magnitude_keys(jnp.ravel(leaf))
+    gi = jax.lax.iota(jnp.uint32, int(q.shape[0])) + jnp.uint32(o)
+    out.append(((q > big) | ((q == big) & (gi <= last))).reshape(shape))
+  return jax.tree.unflatten(treedef, out)
 
 
 def _global_sparse(encode_fn, decode_coords, aggregate_coords,
-                   increasing: bool = False) -> Compressor:
+                   increasing: bool = False, exact_support=None) -> Compressor:
   """Stateless whole-model sparse codec from its encoder and the `(indices, values)` to add.
 
   `decode_coords(payload, keys, D)` and `aggregate_coords(payloads, weights, keys, D)`
@@ -293,7 +320,10 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords,
   `decode_coords` must give distinct indices (`increasing`: static, also sorted).
   `decode.sparse_coords(payload, keys, like)` returns `(indices, values, increasing)`
   (after the `like` check), so that `error_feedback` can form `e' = x - decode(...)` as
-  `x` with `k` entries changed, not a dense decode.
+  `x` with `k` entries changed, not a dense decode. With `exact_support(payload, keys, x)`
+  (unstamped payload; a bool pytree shaped like `x`, where `decode` gives `x` exactly, zero
+  elsewhere), `decode.exact_support(payload, keys, x)` is exposed too: `e' = where(m, x - x,
+  x)` is then one elementwise pass that fuses with `x = g + e` (no scatter into `x`).
   """
 
   def cast(like, tree32):
@@ -315,6 +345,11 @@ def _global_sparse(encode_fn, decode_coords, aggregate_coords,
     return decode_coords(payload, keys, layout.num_params(like)) + (increasing,)
 
   decode_fn.sparse_coords = sparse_coords  # read by `error_feedback` (sparse residual update)
+  if exact_support is not None:
+    def support(payload, keys, x):
+      """bool pytree shaped like `x`: where `decode(payload, ., keys, x)` equals `x` (0 elsewhere)."""
+      return exact_support(layout.unstamp(payload, x), keys, x)
+    decode_fn.exact_support = support  # read by `error_feedback` (dense residual, no scatter)
   return Compressor(stateless_init, encode_fn, decode_fn, aggregate_fn)
 
 
