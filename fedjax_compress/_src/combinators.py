@@ -34,9 +34,9 @@ def error_feedback(inner: Compressor) -> Compressor:
   and values, and their decode keeps its state) skip the dense decode: `e'` is `x` with
   `e'_i = sat(x_i - v_i)` written at the `k` sent indices (the same float32 result).
   Inners whose decode reproduces `x` exactly on a mask and is zero elsewhere (`top_k`:
-  `decode.exact_support(payload, keys, x)`) get `e' = where(mask, x - x, x)` instead, one
-  elementwise pass that XLA fuses with `x = g + e` (`x - x`: 0, or NaN for non-finite `x`,
-  as `sat(x - x)`).
+  `decode.exact_support(payload, keys, x)`) get `e' = where(mask, x - x, x)` instead: one
+  elementwise pass over `x`, no scatter (batched scatters are slow under vmap on XLA:CPU;
+  `x - x` is 0, or NaN for non-finite `x`, as `sat(x - x)`).
 
   Warns (`UserWarning`) for unscaled `sign_sgd()`: it decodes to `+-1` whatever the
   magnitude of `x`, so the residual tracks `x - sign(x)` and, at ordinary server learning
@@ -71,7 +71,7 @@ def error_feedback(inner: Compressor) -> Compressor:
       # the residual below is written into its buffer in place.)
       x = jax.lax.optimization_barrier(x)
     payload, sender = inner.encode(x, state.inner, keys, params)
-    if exact_support is not None:  # decoded = x on the mask, 0 off it: one fused pass
+    if exact_support is not None:  # decoded = x on the mask, 0 off it: one pass over x
       mask = exact_support(payload, keys, x)
       residual = jax.tree.map(lambda a, m: jnp.where(m, a - a, a), x, mask)
       return payload, ErrorFeedbackState(sender, residual, state.mirror)
