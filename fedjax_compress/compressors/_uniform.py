@@ -28,7 +28,7 @@ import numpy as np
 from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
-from fedjax_compress.compressors._sparsify import _popcount, _select_bit
+from fedjax_compress.compressors._sparsify import _popcount, _select_bit, magnitude_keys
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -397,9 +397,8 @@ def keep_slack(keep: int, size: int) -> int:
 
 
 def _magnitude_keys(x: jax.Array) -> jax.Array:
-  """int32 keys ordering `|x|` (float bits without the sign; 0 for +-0)."""
-  bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x), jnp.int32)
-  return bits & jnp.int32(0x7FFFFFFF)
+  """`magnitude_keys` of `x` outside the gradient (int32 keys ordering `|x|`; 0 for +-0)."""
+  return magnitude_keys(jax.lax.stop_gradient(x))
 
 
 def _sample_positions(sizes: Sequence[int], m: int) -> list[np.ndarray]:
