@@ -21,6 +21,7 @@ from fedjax_compress._src import bits as _bits
 from fedjax_compress._src import checks, layout
 from fedjax_compress._src.base import Compressor, Field, stateless_init
 from fedjax_compress._src.combinators import error_feedback as _error_feedback
+from fedjax_compress.ops import _hsq_native
 
 MODES = ("greedy", "unbiased")
 RAW_LAYER_SIZE = 1000  # official: layers with numel <= 1000 go through IdenticalCompressor
@@ -81,6 +82,21 @@ def _pow2_scale(amax: jax.Array) -> jax.Array:
   _, e = jnp.frexp(amax)
   s = jnp.ldexp(jnp.ones_like(amax), e - 1)
   return jnp.where((amax > 0) & jnp.isfinite(amax), s, 1.0)
+
+
+def _pow2_exponent(amax: jax.Array) -> jax.Array:
+  """The int32 `t` with `_pow2_scale(amax) = 2^t` (in `[-149, 127]`)."""
+  _, e = jnp.frexp(amax)
+  return jnp.where((amax > 0) & jnp.isfinite(amax), e - 1, 0).astype(jnp.int32)
+
+
+def _use_native_search() -> bool:
+  """Whether the native CPU kernels (`ops/_hsq_native.py`: greedy search, decode) are used (at trace time)."""
+  return jax.default_backend() == "cpu" and _hsq_native.available()
+
+
+_NATIVE_INDEX = tuple(jnp.dtype(d) for d in (jnp.uint8, jnp.uint16, jnp.int32))
+_NATIVE_LEVEL = tuple(jnp.dtype(d) for d in (jnp.int8, jnp.int16, jnp.float32))
 
 
 _MIN_NORMAL_BITS = 0x00800000  # bit pattern of float32's smallest normal, 2^-126
@@ -188,10 +204,15 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
 
   Robustness: each layer is divided by a power of two (exact) before the search, so scores
   and scalars never overflow; decoded values saturate at float32's range and then at the
-  template's dtype. The search scores `[chunks, K]` are formed `search_block` chunks at a
-  time (`lax.map` over blocks), bounding memory to `4 K search_block` bytes; default
-  (`None`): `max(256, 2^20 / K)` chunks, i.e. 4 MiB of scores (measured fastest on CPU:
-  1024-chunk blocks were 1.5-1.7x slower at K = 64, 256).
+  template's dtype. On the CPU backend, where the native kernel builds
+  (`ops/_hsq_native.py`), `mode='greedy'` searches with it: one read of the leaf, the exact
+  float32 argmax (lowest index on ties, well within `search_tolerance`). Elsewhere (GPU, TPU,
+  no compiler, `FEDJAX_COMPRESS_NATIVE=0`, `mode='unbiased'`) the XLA search forms the
+  scores `[chunks, K]` `search_block` chunks at a time (`lax.map` over blocks), bounding
+  memory to `4 K search_block` bytes; default (`None`): `max(256, 2^20 / K)` chunks, i.e.
+  4 MiB of scores (measured fastest on CPU: 1024-chunk blocks were 1.5-1.7x slower at
+  K = 64, 256). `search_block` affects only that XLA search. The native decode (CPU, both
+  modes) writes `(l_i c_{k_i}) s` straight into the leaf's entries, the XLA one gathers.
 
   Bits per quantized layer: `ceil(numel/dc) * (ceil(log2 K) + n) + 32` (`n < 32`),
   `ceil(numel/dc) * (ceil(log2 K) + 32)` for `n = 32`; per raw layer `32 numel`.
@@ -260,12 +281,16 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
     if kind(numel) == "raw":
       return {"raw": Field(vec, 32)}
     n = -(-numel // dc)
-    scale_x = _pow2_scale(jnp.max(jnp.abs(jax.lax.stop_gradient(vec))))  # exact rescaling
-    x = jnp.pad(vec / scale_x, (0, n * dc - numel)).reshape(n, dc)
+    amax = jnp.max(jnp.abs(jax.lax.stop_gradient(vec)))
+    scale_x = _pow2_scale(amax)  # exact rescaling
     k_sample, k_round = jax.random.split(key)
-    r = (jax.random.uniform(k_sample, (n,)) if mode == "unbiased"
-         else jnp.zeros((n,), jnp.float32))
-    k, u = search_all(x, r)           # u in units of scale_x: |u| <= sqrt(dc) 2 ||pinv||
+    if mode == "greedy" and _use_native_search():  # one read of vec, no padded copy
+      k, u = _hsq_native.greedy_search(vec, _pow2_exponent(amax), cb_np)
+    else:
+      x = jnp.pad(vec / scale_x, (0, n * dc - numel)).reshape(n, dc)
+      r = (jax.random.uniform(k_sample, (n,)) if mode == "unbiased"
+           else jnp.zeros((n,), jnp.float32))
+      k, u = search_all(x, r)         # u in units of scale_x: |u| <= sqrt(dc) 2 ||pinv||
     out = {"index": Field(k.astype(_int_dtype(index_width, False)), index_width)}
     if nb == 32:
       out["scalar"] = Field(checks.saturate(u * scale_x, jnp.isfinite(u)), 32)
@@ -289,7 +314,13 @@ def hsq(*, codebook_size: int = 256, chunk: int = 16, scalar_bits: int = 6, seed
       return jnp.zeros(shape, dtype)
     if kind(numel) == "raw":
       return checks.cast_finite(msg["raw"].data.reshape(shape), dtype)
-    cw = jnp.asarray(cb_np)[msg["index"].data.astype(jnp.int32)]          # [n, dc]
+    index, level = msg["index"].data, msg["scalar"].data
+    if (_use_native_search() and index.dtype in _NATIVE_INDEX
+        and level.dtype in _NATIVE_LEVEL):  # written straight into the leaf's entries
+      scale = jnp.float32(1) if nb == 32 else msg["scale"].data[0]
+      y = _hsq_native.decode(index, level, scale, cb_np, numel)
+      return checks.cast_finite(y.reshape(shape), dtype)
+    cw = jnp.asarray(cb_np)[index.astype(jnp.int32)]          # [n, dc]
     if nb == 32:
       y = msg["scalar"].data[:, None] * cw                 # |y| <= |u|: finite
     else:  # (level * codeword) * scale: |level c| <= h; the one product saturates

@@ -53,25 +53,27 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _cache_path(cxx: str) -> pathlib.Path:
-  """Where the built library for this source / compiler / CPU / jaxlib lives."""
+def _cache_path(cxx: str, source: pathlib.Path = _SOURCE, flags: tuple[str, ...] = _FLAGS,
+                stem: str = "fwht_cpu") -> pathlib.Path:
+  """Where the built library for this source / compiler / flags / CPU / jaxlib lives."""
   import jaxlib  # pylint: disable=import-outside-toplevel
   digest = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), cxx.encode(), " ".join(_FLAGS).encode(),
+  for part in (source.read_bytes(), cxx.encode(), " ".join(flags).encode(),
                _cpu_flags().encode(), jaxlib.__version__.encode(), platform.machine().encode()):
     digest.update(part)
   root = os.environ.get("FEDJAX_COMPRESS_CACHE",
                         os.path.join(os.path.expanduser("~"), ".cache", "fedjax_compress"))
-  return pathlib.Path(root) / f"fwht_cpu_{digest.hexdigest()[:16]}.so"
+  return pathlib.Path(root) / f"{stem}_{digest.hexdigest()[:16]}.so"
 
 
-def _build(cxx: str, out: pathlib.Path) -> None:
-  """Compile `_SOURCE` into `out` atomically (a temp file, then rename), so parallel builds race safely."""
+def _build(cxx: str, out: pathlib.Path, source: pathlib.Path = _SOURCE,
+           flags: tuple[str, ...] = _FLAGS) -> None:
+  """Compile `source` into `out` atomically (a temp file, then rename), so parallel builds race safely."""
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     os.replace(tmp, out)
   finally:
