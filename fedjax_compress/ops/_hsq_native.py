@@ -21,12 +21,8 @@ Built and cached like the FWHT kernel (`_native.py`: `$CXX`/g++, `FEDJAX_COMPRES
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
-import os
 import pathlib
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -38,31 +34,13 @@ _SOURCE = pathlib.Path(__file__).with_name("_hsq_cpu.cc")
 _FLAGS = (*_native._FLAGS, "-ffp-contract=fast")  # pylint: disable=protected-access
 _TARGETS = {"fedjax_compress_hsq_search_f32": "FedjaxHsqSearchF32",
             "fedjax_compress_hsq_decode_f32": "FedjaxHsqDecodeF32"}
-_log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> bool:
-  """Build (once per machine) and register the kernel; False where that is not possible."""
-  # pylint: disable=protected-access
-  if os.environ.get("FEDJAX_COMPRESS_NATIVE", "1") == "0":
-    return False
-  cxx = _native._compiler()
-  if cxx is None or not _SOURCE.exists():
-    _log.info("native HSQ search unavailable: no C++ compiler or source")
-    return False
-  path = _native._cache_path(cxx, _SOURCE, _FLAGS, "hsq_cpu")
-  try:
-    if not path.exists():
-      _native._build(cxx, path, _SOURCE, _FLAGS)
-    lib = ctypes.CDLL(str(path))
-    for target, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  except (OSError, subprocess.SubprocessError, AttributeError) as err:
-    detail = getattr(err, "stderr", "") or err
-    _log.info("native HSQ search unavailable, using the XLA search: %s", detail)
-    return False
-  return True
+  """Build (once per machine) and register the kernels; False where that is not possible."""
+  return _native.load_library(_SOURCE, _FLAGS, "hsq_cpu", _TARGETS,
+                              "native HSQ search (using the XLA search)")
 
 
 def available() -> bool:

@@ -81,27 +81,35 @@ def _build(cxx: str, out: pathlib.Path, source: pathlib.Path = _SOURCE,
       os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=None)
-def _load() -> bool:
-  """Build (once per machine) and register the kernel; False where that is not possible."""
+def load_library(source: pathlib.Path, flags: tuple[str, ...], stem: str,
+                 symbols: dict[str, str], what: str) -> bool:
+  """Build `source` (once per machine, cached) and register its FFI `symbols` (target -> C
+  symbol) on CPU; False, logged with `what`, where no compiler, the build or the load fails
+  or `FEDJAX_COMPRESS_NATIVE=0`."""
   if os.environ.get("FEDJAX_COMPRESS_NATIVE", "1") == "0":
     return False
   cxx = _compiler()
-  if cxx is None or not _SOURCE.exists():
-    _log.info("native FWHT unavailable: no C++ compiler or source")
+  if cxx is None or not source.exists():
+    _log.info("%s unavailable: no C++ compiler or source", what)
     return False
-  path = _cache_path(cxx)
+  path = _cache_path(cxx, source, flags, stem)
   try:
     if not path.exists():
-      _build(cxx, path)
+      _build(cxx, path, source, flags)
     lib = ctypes.CDLL(str(path))
-    for target, symbol in _SYMBOLS.items():
+    for target, symbol in symbols.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, subprocess.SubprocessError, AttributeError) as err:
-    detail = getattr(err, "stderr", "") or err
-    _log.info("native FWHT unavailable, using the jnp butterfly: %s", detail)
+    _log.info("%s unavailable: %s", what, getattr(err, "stderr", "") or err)
     return False
   return True
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> bool:
+  """Build (once per machine) and register the kernel; False where that is not possible."""
+  return load_library(_SOURCE, _FLAGS, "fwht_cpu", _SYMBOLS,
+                      "native FWHT (using the jnp butterfly)")
 
 
 def available(dtype=jnp.float32) -> bool:
