@@ -57,19 +57,23 @@ def has_conv(jaxpr: jcore.Jaxpr) -> bool:
              for e in jaxpr.eqns)
 
 
-def _pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
-  """`x` cut to whole windows and reshaped to `[o_0, ..., o_r, prod(window)]` (window last)."""
+def _window_slices(x: jax.Array, window: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list]:
+  """`x` cut to whole windows; one `[o_0, ..., o_r]` slice per window offset (row-major).
+
+  The cut `x` is reshaped (for free, row-major) to `[o_0, w_0, o_1, w_1, ...]` and each
+  offset's slice picks one element per window, so every op below is elementwise (XLA:CPU
+  fuses them into one loop; a window-last transpose plus a reduce cost ~1 ms per pool here).
+  """
   out = [n // w for n, w in zip(x.shape, window)]
   x = x[tuple(slice(0, o * w) for o, w in zip(out, window))]
   x = x.reshape([v for o, w in zip(out, window) for v in (o, w)])
-  r = len(window)
-  x = jnp.transpose(x, [2 * i for i in range(r)] + [2 * i + 1 for i in range(r)])
-  return x.reshape(out + [-1])
+  offs = list(itertools.product(*[range(w) for w in window]))
+  return offs, [x[tuple(v for a in off for v in (slice(None), a))] for off in offs]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
-  return jnp.max(_pool_blocks(x, window), axis=-1)
+  return functools.reduce(jnp.maximum, _window_slices(x, window)[1])
 
 
 def _max_pool_fwd(x, window):
@@ -78,13 +82,17 @@ def _max_pool_fwd(x, window):
 
 def _max_pool_bwd(window, x, g):
   """Cotangent to the first maximum of each window (row-major), zero elsewhere."""
-  b = _pool_blocks(x, window)
-  hit = b == jnp.max(b, axis=-1, keepdims=True)
-  first = hit & (jnp.cumsum(hit.astype(jnp.int32), axis=-1) == 1)
-  gb = jnp.where(first, g[..., None], jnp.zeros((), g.dtype))
+  offs, parts = _window_slices(x, window)
+  m = functools.reduce(jnp.maximum, parts)
+  taken = jnp.zeros(m.shape, bool)
+  grads = []
+  for p in parts:
+    hit = (p == m) & ~taken
+    taken = taken | hit
+    grads.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
   out = [n // w for n, w in zip(x.shape, window)]
   r = len(window)
-  gb = gb.reshape(out + list(window))
+  gb = jnp.stack(grads, axis=-1).reshape(out + list(window))
   gb = jnp.transpose(gb, [v for i in range(r) for v in (i, r + i)])
   gb = gb.reshape([o * w for o, w in zip(out, window)])
   return (jnp.pad(gb, [(0, n - o * w) for n, o, w in zip(x.shape, out, window)]),)
@@ -132,11 +140,17 @@ def conv_im2col(lhs: jax.Array, rhs: jax.Array, *, window_strides, padding, lhs_
   g, cin, cout = feature_group_count, x.shape[-1], w.shape[-1]
   cg, fg = cin // g, cout // g
   patches = jnp.stack(slices, axis=-2)                                    # N, *O, K, C
-  patches = patches.reshape(patches.shape[:-2] + (len(slices), g, cg))
-  kernel = w.reshape((len(slices), cg, g, fg))
-  out = jnp.einsum("...kgc,kcgf->...gf", patches, kernel, precision=precision,
-                   preferred_element_type=preferred_element_type)
-  out = out.reshape(out.shape[:-2] + (cout,))                             # N, *O, F
+  if g == 1:  # one contracting dim (K*C, row-major as stacked): no transpose of the patches
+    out = lax.dot_general(patches.reshape(patches.shape[:-2] + (len(slices) * cin,)),
+                          w.reshape((len(slices) * cin, cout)),
+                          (((patches.ndim - 2,), (0,)), ((), ())), precision=precision,
+                          preferred_element_type=preferred_element_type)
+  else:
+    patches = patches.reshape(patches.shape[:-2] + (len(slices), g, cg))
+    kernel = w.reshape((len(slices), cg, g, fg))
+    out = jnp.einsum("...kgc,kcgf->...gf", patches, kernel, precision=precision,
+                     preferred_element_type=preferred_element_type)
+    out = out.reshape(out.shape[:-2] + (cout,))                           # N, *O, F
   perm = [0] * (nsp + 2)  # out axis ospec[j] holds our axis (0 = N, nsp+1 = F, 1.. = spatial)
   perm[ospec[0]], perm[ospec[1]] = 0, nsp + 1
   for i in range(nsp):
