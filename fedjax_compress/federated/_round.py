@@ -269,11 +269,19 @@ def _pad_rows(x: jax.Array, pad: int, value: Any = 0) -> jax.Array:
 
 
 def _chunked(tree: Any, n: int) -> Any:
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+  """Rows `[n * c]` -> `[n, c]`, chunk j = rows `j, j + n, ..., j + (c - 1) n` (strided).
+
+  Strided, not contiguous: a cohort sharded over devices in contiguous row blocks keeps
+  its sharding on the chunk's client axis (each device runs its share of every chunk)
+  rather than on the scanned axis, which XLA cannot partition.
+  """
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1),
+                      tree)
 
 
 def _unchunked(tree: Any, num: int) -> Any:
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num], tree)
+  """Inverse of `_chunked`: `[n, c]` -> rows `[n * c]`, cut to the first `num`."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])[:num], tree)
 
 
 def _zeros_like_payload(payload: Any) -> Any:
