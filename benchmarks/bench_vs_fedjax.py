@@ -108,13 +108,16 @@ def fc_side(a, clients: list[dict]) -> list[float]:
                      donate_argnums=0)
   fd = fdata.FederatedData(clients, {k: clients[0][k][:4] for k in clients[0]},
                            62 if a.model == "cnn" else 10, "bench")
-  box = {"state": federated.init_server_state(params, server_tx, uplink,
-                                              num_clients=len(clients)), "r": 0}
+  state = federated.init_server_state(params, server_tx, uplink, num_clients=len(clients))
+  mesh = federated.client_mesh() if a.cpu_devices > 1 else None
+  box = {"state": state if mesh is None else federated.shard_state(state, mesh), "r": 0}
   seed = jax.random.key(0)
 
   def run_round():
     cohort = federated.sample_cohort(fd, box["r"], cohort_size=a.cohort, local_steps=a.steps,
                                      batch_size=a.batch)
+    if mesh is not None:
+      cohort = federated.shard_cohort(cohort, mesh)
     box["state"], m = round_fn(box["state"], cohort, seed)
     jax.block_until_ready(box["state"].params)
     box["r"] += 1
@@ -187,8 +190,11 @@ def _child(a, side: str, python: str, cohort: int) -> dict:
   cmd = [python, os.path.abspath(__file__), "--side", side, "--data", a.data, "--model", a.model,
          "--cohort", str(cohort), "--steps", str(a.steps), "--batch", str(a.batch),
          "--rounds", str(a.rounds), "--warmup", str(a.warmup), "--uplink", a.uplink,
-         "--chunk", a.chunk, "--conv_impl", a.conv_impl]
+         "--chunk", a.chunk, "--conv_impl", a.conv_impl, "--cpu_devices", str(a.cpu_devices)]
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if side == "fc" and a.cpu_devices > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={a.cpu_devices}").strip()
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
@@ -212,6 +218,9 @@ def main():
   p.add_argument("--chunk", default="default", help="clients_per_chunk: default|all|<int>")
   p.add_argument("--conv_impl", default="auto", choices=["auto", "im2col", "xla"],
                  help="build_round(conv_impl=): our side's convolution path")
+  p.add_argument("--cpu_devices", type=int, default=1,
+                 help="our side: split the host into this many XLA CPU devices and shard the "
+                      "cohort's client axis over them (federated.client_mesh/shard_cohort)")
   p.add_argument("--only", default="fc,fj")
   p.add_argument("--peer_python", default="/work/peer_venv/bin/python")
   p.add_argument("--timeout", type=float, default=1800)
