@@ -19,7 +19,9 @@ run) and printed
 - as a multiple of one local SGD step of the MLP (forward, backward and `p - lr g` on a batch
   of `--batch` examples), measured once per size in the same run.
 
-A codec that fails (e.g. out of memory) prints its error and the run goes on. `--codecs`
+The host allocator is tuned first (`tune_cpu_allocator`, as `experiments.run` does: large
+buffers are reused instead of page-faulted in per op); `--default_allocator` keeps glibc's
+defaults. A codec that fails (e.g. out of memory) prints its error and the run goes on. `--codecs`
 takes registry names (see `--list`); `--markdown` also prints a table for BENCHMARKS.md.
 Targets (issue 11.3, CPU, D = 10M): identity, qsgd, sign_sgd, random_k, error_feedback, hsq
 <= 10 passes; top_k <= 15; m22 <= 20.
@@ -38,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_compress import Compressor, Keys, bits, compressors as C, error_feedback
+from fedjax_compress import (Compressor, Keys, bits, compressors as C, error_feedback,
+                             tune_cpu_allocator)
 from fedjax_compress.testing import REGISTRY
 
 IN_DIM, OUT_DIM = 784, 10
@@ -252,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--batch", type=int, default=32, help="batch of the SGD-step baseline")
   ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
   ap.add_argument("--list", action="store_true", help="list the codec names and exit")
+  ap.add_argument("--default_allocator", action="store_true",
+                  help="keep glibc's default malloc settings (default: tune_cpu_allocator(), "
+                       "as experiments.run does; see benchmarks/bench_allocator.py)")
   args = ap.parse_args(argv)
+  tuned = {} if args.default_allocator else tune_cpu_allocator()
   if args.list:
     for e in REGISTRY:
       print(e.name + ("  (AT_SCALE)" if e.name in AT_SCALE else ""))
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
   sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
   names = [n.strip() for n in args.codecs.split(",") if n.strip()] or None
   print(f"# jax {jax.__version__}, {jax.devices()[0].platform}, "
-        f"{jax.devices()[0].device_kind}; reps {args.reps} x rounds {args.rounds}", flush=True)
+        f"{jax.devices()[0].device_kind}; reps {args.reps} x rounds {args.rounds}; allocator "
+        f"{'tuned' if tuned and all(tuned.values()) else 'default'}", flush=True)
   rows = []
   for s in sizes:
     rows += bench_size(s, names, args.reps, args.batch, args.rounds)

@@ -9,6 +9,7 @@ from fedjax_compress._src.adapters import (CompressedMeanState, CompressedTransf
                                            as_transformation, compressed_mean, weighted_decode)
 from fedjax_compress._src.base import Compressor, EmptyState, Field, Keys
 from fedjax_compress._src.combinators import ErrorFeedbackState, error_feedback, flattened
+from fedjax_compress._src.host import tune_cpu_allocator
 from fedjax_compress._src.keys import round_keys
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __all__ = [
     "as_transformation", "compressed_mean", "weighted_decode",
     "CompressedTransformationState", "CompressedMeanState",
     "error_feedback", "flattened", "ErrorFeedbackState",
-    "round_keys", "bits", "wire", "compressors", "checkpoint",
+    "round_keys", "bits", "wire", "compressors", "checkpoint", "tune_cpu_allocator",
 ]
