@@ -42,7 +42,12 @@ import numpy as np
 
 from fedjax_compress import (Compressor, Keys, bits, compressors as C, error_feedback,
                              tune_cpu_allocator)
-from fedjax_compress.testing import REGISTRY
+
+# Before anything starts JAX's CPU backend (importing the registry does): its threads keep
+# the malloc arenas they already hold.
+TUNED = {} if "--default_allocator" in sys.argv else tune_cpu_allocator()
+
+from fedjax_compress.testing import REGISTRY  # noqa: E402
 
 IN_DIM, OUT_DIM = 784, 10
 
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                   help="keep glibc's default malloc settings (default: tune_cpu_allocator(), "
                        "as experiments.run does; see benchmarks/bench_allocator.py)")
   args = ap.parse_args(argv)
-  tuned = {} if args.default_allocator else tune_cpu_allocator()
+  tuned = TUNED
   if args.list:
     for e in REGISTRY:
       print(e.name + ("  (AT_SCALE)" if e.name in AT_SCALE else ""))

@@ -17,13 +17,18 @@ from ml_collections import config_flags
 
 from fedjax_compress import tune_cpu_allocator
 
-from experiments.common import ConfigError, Terminated, WorkdirError, run_experiment
+# Before experiments.common starts JAX's CPU backend: threads keep the malloc arenas they hold.
+if "--notune_cpu_allocator" not in sys.argv and "--tune_cpu_allocator=false" not in sys.argv:
+  tune_cpu_allocator()
+
+from experiments.common import (ConfigError, Terminated, WorkdirError,  # noqa: E402
+                                run_experiment)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if present).")
-_TUNE = flags.DEFINE_bool("tune_cpu_allocator", True,
-                          "Keep freed host memory for reuse (fedjax_compress.tune_cpu_allocator: "
-                          "large CPU buffers stop page-faulting; resident memory stays at its peak).")
+flags.DEFINE_bool("tune_cpu_allocator", True,  # acted on above, before absl parses flags
+                  "Keep freed host memory for reuse (fedjax_compress.tune_cpu_allocator: large "
+                  "CPU buffers stop page-faulting; resident memory stays at its peak).")
 
 
 def execute(config, workdir: str) -> list[dict]:
@@ -47,8 +52,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  if _TUNE.value:
-    tune_cpu_allocator()
   execute(_CONFIG.value, _WORKDIR.value)
 
 
