@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_compress import Keys, bits, compressors, federated
+from fedjax_compress import Keys, bits, compressors, error_feedback, federated
 
 D, STEPS, B, N = 4, 3, 5, 6
 LR, LR_G = 0.1, 0.7
@@ -81,10 +81,12 @@ def cohorts(seed=0, rounds=3):
   return [cohort(rng, idsets[r], weights[r]) for r in range(rounds)]
 
 
-def run(client_tx, server_tx, algorithm=None, cos=None, chunk="all", uplink=None):
+def run(client_tx, server_tx, algorithm=None, cos=None, chunk="all", uplink=None,
+        vmap_clients=None):
   up = compressors.identity() if uplink is None else uplink
   rnd = jax.jit(federated.build_round(loss_fn, client_tx, server_tx, up, local_steps=STEPS,
-                                      clients_per_chunk=chunk, algorithm=algorithm))
+                                      clients_per_chunk=chunk, algorithm=algorithm,
+                                      vmap_clients=vmap_clients))
   st = federated.init_server_state(params0(), server_tx, up, num_clients=N, algorithm=algorithm)
   ms = []
   for co in (cohorts() if cos is None else cos):
@@ -318,6 +320,23 @@ def test_algorithm_validation():
                                    num_clients=N)
   with pytest.raises(ValueError, match="init_server_state"):
     rnd(st, cohorts(rounds=1)[0], jax.random.key(0))
+
+
+@pytest.mark.parametrize("make", [lambda: federated.scaffold(LR), lambda: federated.mime(momentum=0.9)],
+                         ids=["scaffold", "mime"])
+def test_vmapped_and_mapped_clients_agree(make):
+  """Anchor gradients, messages and per-client states: the same with the chunk's clients
+  vmapped or run one after another (`vmap_clients`), chunks of 3 over 4 clients (padded)."""
+  alg = make()
+  up = error_feedback(compressors.top_k(3))
+  a, ma = run(optax.sgd(LR), optax.sgd(LR_G), alg, chunk=3, uplink=up, vmap_clients=True)
+  b, mb = run(optax.sgd(LR), optax.sgd(LR_G), alg, chunk=3, uplink=up, vmap_clients=False)
+  for x, y in zip(jax.tree.leaves((a.params, a.alg_server, a.alg_clients, a.senders)),
+                  jax.tree.leaves((b.params, b.alg_server, b.alg_clients, b.senders))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  for x, y in zip(ma, mb):
+    assert x.up_bits.tolist() == y.up_bits.tolist()
+    assert x.down_bits.tolist() == y.down_bits.tolist()
 
 
 def test_scaffold_sharded_equals_unsharded():

@@ -286,17 +286,19 @@ def test_results_equal_for_every_chunk_size(name):
   cohorts = [make_cohort(rng, [5, 1, 7, 0, 2], [1.0, 3.0, 0.0, 2.0, 1.0]),
              make_cohort(rng, [0, 3, 6, 7, 4], [2.0, 1.0, 1.0, 0.0, 1.0])]
   results = {}
-  for chunk in ("all", 1, 2, 3):
+  for chunk, vm in [("all", True), (1, True), (2, True), (3, True), ("all", False), (1, False),
+                    (3, False)]:  # vmapped clients, or one after another in each chunk
     rnd = jax.jit(federated.build_round(mse_loss, optax.sgd(0.1), optax.sgd(1.0), up,
-                                        local_steps=STEPS, clients_per_chunk=chunk))
+                                        local_steps=STEPS, clients_per_chunk=chunk,
+                                        vmap_clients=vm))
     state, ms = state0, []
     for cohort in cohorts:
       state, m = rnd(state, cohort, jax.random.key(3))
       ms.append(m)
-    results[chunk] = (state, ms)
-  ref_state, ref_ms = results["all"]
-  for chunk in (1, 2, 3):
-    state, ms = results[chunk]
+    results[chunk, vm] = (state, ms)
+  ref_state, ref_ms = results["all", True]
+  for key in results:
+    state, ms = results[key]
     chex.assert_trees_all_close(state.params, ref_state.params, atol=1e-6, rtol=1e-5)
     chex.assert_trees_all_close((state.senders, state.receivers),
                                 (ref_state.senders, ref_state.receivers), atol=1e-6, rtol=1e-5)
@@ -304,6 +306,17 @@ def test_results_equal_for_every_chunk_size(name):
       assert m.up_bits.tolist() == r.up_bits.tolist()
       np.testing.assert_allclose(np.asarray(m.weight), np.asarray(r.weight), rtol=1e-6)
       np.testing.assert_allclose(np.asarray(m.loss), np.asarray(r.loss), rtol=1e-5)
+
+
+def test_vmap_clients_default_and_bad_values():
+  from fedjax_compress.federated._round import default_vmap_clients
+  assert default_vmap_clients("cpu", 1) is False
+  assert default_vmap_clients("cpu", 4) is True  # a sharded cohort needs the vmapped form
+  assert default_vmap_clients("gpu", 1) is True and default_vmap_clients("tpu", 8) is True
+  for bad in ("yes", 1, 0.0):
+    with pytest.raises(ValueError, match="vmap_clients"):
+      federated.build_round(mse_loss, optax.sgd(0.1), optax.sgd(1.0), compressors.identity(),
+                            local_steps=1, vmap_clients=bad)
 
 
 def test_chunk_plan_pads_evenly_and_rejects_bad_sizes():

@@ -237,6 +237,55 @@ def default_clients_per_chunk(backend: Optional[str] = None,
   return int(min(CPU_MAX_CLIENTS_PER_CHUNK, max(1, -(-CPU_CHUNK_BYTES // per_client))))
 
 
+def default_vmap_clients(backend: Optional[str] = None,
+                         num_devices: Optional[int] = None) -> bool:
+  """`vmap_clients` used when None is given: False on a single CPU device, True otherwise.
+
+  On one CPU device the chunk's clients train one after another (`lax.map`, plain
+  unbatched ops): XLA:CPU runs a vmapped client's dots and convolutions as batched ops,
+  slower than one client at a time (EMNIST CNN round, cohort 20: 22.5-24.5 against
+  16.9-18.9 clients/s for every chunk size; BENCHMARKS.md "Sixth pass"). Accelerators want
+  the batch, and with several devices (`num_devices`, default `jax.device_count(backend)`)
+  the cohort may be sharded: XLA partitions a vmapped client axis, not a loop over it.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  if backend != "cpu":
+    return True
+  n = jax.device_count(backend) if num_devices is None else int(num_devices)
+  return n > 1
+
+
+def _over_clients(fn: Callable, in_axes: tuple, vmap_clients: bool) -> Callable:
+  """`jax.vmap(fn, in_axes)`, or the same as a `lax.map` over the clients (`vmap_clients=False`).
+
+  `in_axes` entries are None (shared by all clients), 0 (one row per client) or `Keys` of
+  those; outputs are stacked along a new leading client axis either way.
+  """
+  if vmap_clients:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def parts(a, ax):
+    if isinstance(ax, Keys):
+      return [v for v, x in zip(a, ax) if x == 0]
+    return [a] if ax == 0 else []
+
+  def rebuild(args, rows):
+    rows = iter(rows)
+    out = []
+    for a, ax in zip(args, in_axes):
+      if isinstance(ax, Keys):
+        out.append(Keys(*[next(rows) if x == 0 else v for v, x in zip(a, ax)]))
+      else:
+        out.append(next(rows) if ax == 0 else a)
+    return out
+
+  def mapped(*args):
+    rows = [p for a, ax in zip(args, in_axes) for p in parts(a, ax)]
+    return lax.map(lambda r: fn(*rebuild(args, r)), rows)
+
+  return mapped
+
+
 def _check_chunk(clients_per_chunk: ChunkSize) -> ChunkSize:
   if clients_per_chunk is None or clients_per_chunk == "all":
     return clients_per_chunk
@@ -370,7 +419,8 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                 server_tx: optax.GradientTransformation, uplink: Compressor, *,
                 local_steps: int, downlink: Optional[Compressor] = None,
                 clients_per_chunk: ChunkSize = None, conv_impl: str = "auto",
-                algorithm: Optional[Algorithm] = None) -> RoundFn:
+                algorithm: Optional[Algorithm] = None,
+                vmap_clients: Optional[bool] = None) -> RoundFn:
   """Pure `round_fn(state, cohort, seed_key) -> (state, RoundMetrics)`; see module docstring.
 
   `loss_fn(params, batch, mask, key) -> scalar` is the mean loss over the unmasked examples
@@ -383,7 +433,12 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   reduced, see `Compressor.reduce`) into one running sum and its clients' states are
   scattered back before the next chunk runs, so peak memory grows with the chunk, not the
   cohort; results equal for every chunk size up to float rounding. The last chunk is
-  padded with weight-0 clients (`chunk_plan`).
+  padded with weight-0 clients (`chunk_plan`). Inside a chunk the clients' local training
+  and encoding are vmapped (`vmap_clients=True`) or run one after another with `lax.map`
+  (False); None is `default_vmap_clients()` (False on a single CPU device, where batched
+  client ops are slower; True elsewhere and wherever the cohort may be sharded over several
+  devices, since XLA partitions only the vmapped form). Decoding and aggregation are
+  vmapped over the chunk either way.
 
   `conv_impl`: 'auto' (im2col on CPU, where XLA runs kernel-gradient convolutions inside
   loops ~4x slower than as matmuls, and non-overlapping max pools as reshape + max, whose
@@ -425,14 +480,19 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     raise TypeError(f"algorithm must be a federated Algorithm (scaffold(), mime(), ...) or "
                     f"None, got {type(algorithm).__name__}")
   loss_fn = _fastconv.with_conv_impl(loss_fn, conv_impl)
+  if vmap_clients is None:
+    vmap_clients = default_vmap_clients()
+  elif not isinstance(vmap_clients, (bool, np.bool_)):
+    raise ValueError(f"vmap_clients must be True, False or None, got {vmap_clients!r}")
   client_fn = build_client_update(loss_fn, client_tx, uplink, local_steps=local_steps)
-  vclient = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0, Keys(None, 0)))
+  vclient = _over_clients(client_fn, (None, 0, 0, 0, 0, Keys(None, 0)), vmap_clients)
   if algorithm is not None:
     extra = algorithm.compressor if algorithm.compressor is not None else identity()
-    valg = jax.vmap(_algorithm_client(loss_fn, client_tx, uplink, algorithm, extra, local_steps),
-                    in_axes=(None, None, None, 0, 0, 0, 0, 0, Keys(None, 0), Keys(None, 0)))
-    vanchor = jax.vmap(_anchor_client(loss_fn, extra),
-                       in_axes=(None, 0, 0, 0, 0, Keys(None, 0)))
+    valg = _over_clients(
+        _algorithm_client(loss_fn, client_tx, uplink, algorithm, extra, local_steps),
+        (None, None, None, 0, 0, 0, 0, 0, Keys(None, 0), Keys(None, 0)), vmap_clients)
+    vanchor = _over_clients(_anchor_client(loss_fn, extra), (None, 0, 0, 0, 0, Keys(None, 0)),
+                            vmap_clients)
     vdecode = jax.vmap(extra.decode, in_axes=(0, 0, Keys(None, 0), None))
 
   def round_fn(state: ServerState, cohort: Cohort, seed_key) -> tuple[ServerState, RoundMetrics]:
