@@ -104,7 +104,8 @@ def fc_side(a, clients: list[dict]) -> list[float]:
   chunk = None if a.chunk == "default" else (a.chunk if a.chunk == "all" else int(a.chunk))
   round_fn = jax.jit(federated.build_round(loss_fn, optax.sgd(CLIENT_LR), server_tx, uplink,
                                            local_steps=a.steps, clients_per_chunk=chunk,
-                                           conv_impl=a.conv_impl),
+                                           conv_impl=a.conv_impl,
+                                           vmap_clients=a.vmap_clients == "true"),
                      donate_argnums=0)
   fd = fdata.FederatedData(clients, {k: clients[0][k][:4] for k in clients[0]},
                            62 if a.model == "cnn" else 10, "bench")
@@ -190,7 +191,8 @@ def _child(a, side: str, python: str, cohort: int) -> dict:
   cmd = [python, os.path.abspath(__file__), "--side", side, "--data", a.data, "--model", a.model,
          "--cohort", str(cohort), "--steps", str(a.steps), "--batch", str(a.batch),
          "--rounds", str(a.rounds), "--warmup", str(a.warmup), "--uplink", a.uplink,
-         "--chunk", a.chunk, "--conv_impl", a.conv_impl, "--cpu_devices", str(a.cpu_devices)]
+         "--chunk", a.chunk, "--conv_impl", a.conv_impl, "--cpu_devices", str(a.cpu_devices),
+         "--vmap_clients", a.vmap_clients]
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if side == "fc" and a.cpu_devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
@@ -218,6 +220,9 @@ def main():
   p.add_argument("--chunk", default="default", help="clients_per_chunk: default|all|<int>")
   p.add_argument("--conv_impl", default="auto", choices=["auto", "im2col", "xla"],
                  help="build_round(conv_impl=): our side's convolution path")
+  p.add_argument("--vmap_clients", default="true", choices=["true", "false"],
+                 help="build_round(vmap_clients=): our side's clients vmapped or lax.mapped "
+                      "inside a chunk")
   p.add_argument("--cpu_devices", type=int, default=1,
                  help="our side: split the host into this many XLA CPU devices and shard the "
                       "cohort's client axis over them (federated.client_mesh/shard_cohort)")

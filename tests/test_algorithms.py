@@ -82,7 +82,7 @@ def cohorts(seed=0, rounds=3):
 
 
 def run(client_tx, server_tx, algorithm=None, cos=None, chunk="all", uplink=None,
-        vmap_clients=None):
+        vmap_clients=True):
   up = compressors.identity() if uplink is None else uplink
   rnd = jax.jit(federated.build_round(loss_fn, client_tx, server_tx, up, local_steps=STEPS,
                                       clients_per_chunk=chunk, algorithm=algorithm,

@@ -237,24 +237,6 @@ def default_clients_per_chunk(backend: Optional[str] = None,
   return int(min(CPU_MAX_CLIENTS_PER_CHUNK, max(1, -(-CPU_CHUNK_BYTES // per_client))))
 
 
-def default_vmap_clients(backend: Optional[str] = None,
-                         num_devices: Optional[int] = None) -> bool:
-  """`vmap_clients` used when None is given: False on a single CPU device, True otherwise.
-
-  On one CPU device the chunk's clients train one after another (`lax.map`, plain
-  unbatched ops): XLA:CPU runs a vmapped client's dots and convolutions as batched ops,
-  slower than one client at a time (EMNIST CNN round, cohort 20: 22.5-24.5 against
-  16.9-18.9 clients/s for every chunk size; BENCHMARKS.md "Sixth pass"). Accelerators want
-  the batch, and with several devices (`num_devices`, default `jax.device_count(backend)`)
-  the cohort may be sharded: XLA partitions a vmapped client axis, not a loop over it.
-  """
-  backend = jax.default_backend() if backend is None else backend
-  if backend != "cpu":
-    return True
-  n = jax.device_count(backend) if num_devices is None else int(num_devices)
-  return n > 1
-
-
 def _over_clients(fn: Callable, in_axes: tuple, vmap_clients: bool) -> Callable:
   """`jax.vmap(fn, in_axes)`, or the same as a `lax.map` over the clients (`vmap_clients=False`).
 
@@ -420,7 +402,7 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                 local_steps: int, downlink: Optional[Compressor] = None,
                 clients_per_chunk: ChunkSize = None, conv_impl: str = "auto",
                 algorithm: Optional[Algorithm] = None,
-                vmap_clients: Optional[bool] = None) -> RoundFn:
+                vmap_clients: bool = True) -> RoundFn:
   """Pure `round_fn(state, cohort, seed_key) -> (state, RoundMetrics)`; see module docstring.
 
   `loss_fn(params, batch, mask, key) -> scalar` is the mean loss over the unmasked examples
@@ -434,11 +416,11 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   scattered back before the next chunk runs, so peak memory grows with the chunk, not the
   cohort; results equal for every chunk size up to float rounding. The last chunk is
   padded with weight-0 clients (`chunk_plan`). Inside a chunk the clients' local training
-  and encoding are vmapped (`vmap_clients=True`) or run one after another with `lax.map`
-  (False); None is `default_vmap_clients()` (False on a single CPU device, where batched
-  client ops are slower; True elsewhere and wherever the cohort may be sharded over several
-  devices, since XLA partitions only the vmapped form). Decoding and aggregation are
-  vmapped over the chunk either way.
+  and encoding are vmapped (`vmap_clients=True`, the default; the form XLA partitions when
+  the cohort is sharded) or run one after another with `lax.map` (False: unbatched ops and
+  per-client temporaries; on one CPU device an EMNIST CNN client's training alone ran
+  1.2-1.3x faster so, but whole rounds measured the same within noise, BENCHMARKS.md
+  "Sixth pass"). Decoding and aggregation are vmapped over the chunk either way.
 
   `conv_impl`: 'auto' (im2col on CPU, where XLA runs kernel-gradient convolutions inside
   loops ~4x slower than as matmuls, and non-overlapping max pools as reshape + max, whose
@@ -480,10 +462,8 @@ def build_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     raise TypeError(f"algorithm must be a federated Algorithm (scaffold(), mime(), ...) or "
                     f"None, got {type(algorithm).__name__}")
   loss_fn = _fastconv.with_conv_impl(loss_fn, conv_impl)
-  if vmap_clients is None:
-    vmap_clients = default_vmap_clients()
-  elif not isinstance(vmap_clients, (bool, np.bool_)):
-    raise ValueError(f"vmap_clients must be True, False or None, got {vmap_clients!r}")
+  if not isinstance(vmap_clients, (bool, np.bool_)):
+    raise ValueError(f"vmap_clients must be True or False, got {vmap_clients!r}")
   client_fn = build_client_update(loss_fn, client_tx, uplink, local_steps=local_steps)
   vclient = _over_clients(client_fn, (None, 0, 0, 0, 0, Keys(None, 0)), vmap_clients)
   if algorithm is not None:
