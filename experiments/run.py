@@ -18,7 +18,8 @@ from ml_collections import config_flags
 from fedjax_compress import tune_cpu_allocator
 
 # Before experiments.common starts JAX's CPU backend: threads keep the malloc arenas they hold.
-if "--notune_cpu_allocator" not in sys.argv and "--tune_cpu_allocator=false" not in sys.argv:
+_OFF = {"--notune_cpu_allocator", "--tune_cpu_allocator=false", "--tune_cpu_allocator=0"}
+if not any(arg.lower() in _OFF for arg in sys.argv[1:]):
   tune_cpu_allocator()
 
 from experiments.common import (ConfigError, Terminated, WorkdirError,  # noqa: E402
