@@ -57,7 +57,7 @@ def has_conv(jaxpr: jcore.Jaxpr) -> bool:
              for e in jaxpr.eqns)
 
 
-def _window_slices(x: jax.Array, window: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list]:
+def _window_slices(x: jax.Array, window: tuple[int, ...]) -> list[jax.Array]:
   """`x` cut to whole windows; one `[o_0, ..., o_r]` slice per window offset (row-major).
 
   The cut `x` is reshaped (for free, row-major) to `[o_0, w_0, o_1, w_1, ...]` and each
@@ -67,13 +67,13 @@ def _window_slices(x: jax.Array, window: tuple[int, ...]) -> tuple[list[tuple[in
   out = [n // w for n, w in zip(x.shape, window)]
   x = x[tuple(slice(0, o * w) for o, w in zip(out, window))]
   x = x.reshape([v for o, w in zip(out, window) for v in (o, w)])
-  offs = list(itertools.product(*[range(w) for w in window]))
-  return offs, [x[tuple(v for a in off for v in (slice(None), a))] for off in offs]
+  return [x[tuple(v for a in off for v in (slice(None), a))]
+          for off in itertools.product(*[range(w) for w in window])]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
-  return functools.reduce(jnp.maximum, _window_slices(x, window)[1])
+  return functools.reduce(jnp.maximum, _window_slices(x, window))
 
 
 def _max_pool_fwd(x, window):
@@ -82,7 +82,7 @@ def _max_pool_fwd(x, window):
 
 def _max_pool_bwd(window, x, g):
   """Cotangent to the first maximum of each window (row-major), zero elsewhere."""
-  offs, parts = _window_slices(x, window)
+  parts = _window_slices(x, window)
   m = functools.reduce(jnp.maximum, parts)
   taken = jnp.zeros(m.shape, bool)
   grads = []
