@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import sys
 
+from bench_codecs import parse_size
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASS_CHILD = """
 import statistics, sys, time
@@ -33,11 +35,6 @@ for n in map(int, sys.argv[2].split(",")):
   print(f"pass {n} {statistics.median(ts) * 1e3:.3f}")
   del x
 """
-
-
-def parse_size(text: str) -> int:
-  mult = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower())
-  return int(float(text[:-1]) * mult) if mult else int(float(text))
 
 
 def run_side(side: str, a) -> dict[str, float]:

@@ -42,12 +42,7 @@ import numpy as np
 
 from fedjax_compress import (Compressor, Keys, bits, compressors as C, error_feedback,
                              tune_cpu_allocator)
-
-# Before anything starts JAX's CPU backend (importing the registry does): its threads keep
-# the malloc arenas they already hold.
-TUNED = {} if "--default_allocator" in sys.argv else tune_cpu_allocator()
-
-from fedjax_compress.testing import REGISTRY  # noqa: E402
+from fedjax_compress.testing import REGISTRY
 
 IN_DIM, OUT_DIM = 784, 10
 
@@ -264,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
                   help="keep glibc's default malloc settings (default: tune_cpu_allocator(), "
                        "as experiments.run does; see benchmarks/bench_allocator.py)")
   args = ap.parse_args(argv)
-  tuned = TUNED
+  # First, before any computation starts JAX's CPU backend (its threads keep their arenas).
+  tuned = {} if args.default_allocator else tune_cpu_allocator()
   if args.list:
     for e in REGISTRY:
       print(e.name + ("  (AT_SCALE)" if e.name in AT_SCALE else ""))

@@ -15,21 +15,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.common import ConfigError, Terminated, WorkdirError, run_experiment
 from fedjax_compress import tune_cpu_allocator
-
-# Before experiments.common starts JAX's CPU backend: threads keep the malloc arenas they hold.
-_OFF = {"--notune_cpu_allocator", "--tune_cpu_allocator=false", "--tune_cpu_allocator=0"}
-if not any(arg.lower() in _OFF for arg in sys.argv[1:]):
-  tune_cpu_allocator()
-
-from experiments.common import (ConfigError, Terminated, WorkdirError,  # noqa: E402
-                                run_experiment)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if present).")
-flags.DEFINE_bool("tune_cpu_allocator", True,  # acted on above, before absl parses flags
-                  "Keep freed host memory for reuse (fedjax_compress.tune_cpu_allocator: large "
-                  "CPU buffers stop page-faulting; resident memory stays at its peak).")
+_TUNE = flags.DEFINE_bool(
+    "tune_cpu_allocator", True, "Keep freed host memory for reuse (fedjax_compress."
+    "tune_cpu_allocator: large CPU buffers stop page-faulting; resident memory stays at its peak).")
 
 
 def execute(config, workdir: str) -> list[dict]:
@@ -53,6 +46,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  if _TUNE.value:  # before the run's first computation starts JAX's CPU backend
+    tune_cpu_allocator()
   execute(_CONFIG.value, _WORKDIR.value)
 
 

@@ -322,8 +322,8 @@ def test_algorithm_validation():
     rnd(st, cohorts(rounds=1)[0], jax.random.key(0))
 
 
-@pytest.mark.parametrize("make", [lambda: federated.scaffold(LR), lambda: federated.mime(momentum=0.9)],
-                         ids=["scaffold", "mime"])
+@pytest.mark.parametrize("make", [lambda: federated.scaffold(LR),
+                                  lambda: federated.mime(momentum=0.9)], ids=["scaffold", "mime"])
 def test_vmapped_and_mapped_clients_agree(make):
   """Anchor gradients, messages and per-client states: the same with the chunk's clients
   vmapped or run one after another (`vmap_clients`), chunks of 3 over 4 clients (padded)."""

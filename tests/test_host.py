@@ -50,7 +50,8 @@ def _glibc_with_mallinfo2() -> bool:
 
 def _probe(mode: str, env: dict | None = None) -> dict:
   out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                       timeout=120, check=True, env=None if env is None else dict(os.environ, **env))
+                       timeout=120, check=True,
+                       env=None if env is None else dict(os.environ, **env))
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -72,3 +73,13 @@ def test_environment_variables_do_the_same():
   assert host.ENV["MALLOC_ARENA_MAX"] == str(host.SETTINGS["M_ARENA_MAX"][1])
   assert host.SETTINGS["M_TRIM_THRESHOLD"][1] == -1  # mallopt(3): -1 disables trimming
   assert int(host.ENV["MALLOC_TRIM_THRESHOLD_"]) >= 2**40
+
+
+def test_importing_the_library_starts_no_backend():
+  """`tune_cpu_allocator` only helps before JAX's CPU backend starts, so importing the library,
+  its test registry and the experiment runner must not start it (a module-level PRNG key did)."""
+  code = ("import jax._src.xla_bridge as xb, fedjax_compress, fedjax_compress.testing, "
+          "experiments.common, experiments.run; print(bool(xb._backends))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip().splitlines()[-1] == "False", out.stdout

@@ -17,9 +17,9 @@ allocator"): `x + 1` over 124M float32 takes 139 ms with the defaults and 34 ms 
 
 The cost: the process's resident memory stays at its peak. The settings are process-wide,
 so nothing here runs at import. Scripts opt in with `tune_cpu_allocator()` before JAX's CPU
-backend starts (the first computation; importing `fedjax_compress.testing` does it): the
-backend's threads keep the arenas they already hold, and big buffers from those still page-
-fault (measured: no gain at 100M when tuned after the backend started). The environment
+backend starts (the first computation; importing the library starts nothing): the backend's
+threads keep the arenas they already hold, and big buffers from those still page-fault
+(measured: no gain at 100M when tuned after the backend started). The environment
 variables in `ENV` (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776
 MALLOC_ARENA_MAX=1`) do the same for any process.
 """

@@ -306,8 +306,8 @@ def _chunked(tree: Any, n: int) -> Any:
   its sharding on the chunk's client axis (each device runs its share of every chunk)
   rather than on the scanned axis, which XLA cannot partition.
   """
-  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1),
-                      tree)
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), tree)
 
 
 def _unchunked(tree: Any, num: int) -> Any:

@@ -561,8 +561,10 @@ def check_rejects_bad_template(h) -> None:
     raise AssertionError(f"decode accepted a template that does not match ({name})")
 
 
-BAD_KEYS = {"none": None, "tuple": (jax.random.key(0), jax.random.key(1)),
-            "ints": Keys(0, 1)}
+def bad_keys() -> dict:
+  """`keys` arguments that are not `Keys` of PRNG keys (built on call: a module-level PRNG key
+  would start JAX's backend when `fedjax_compress.testing` is imported)."""
+  return {"none": None, "tuple": (jax.random.key(0), jax.random.key(1)), "ints": Keys(0, 1)}
 
 
 def check_bad_keys(h) -> None:
@@ -572,7 +574,7 @@ def check_bad_keys(h) -> None:
   sender, receiver = h.init()
   g = h.updates(0)
   payload, _ = h.compressor.encode(g, sender, message_keys(h.seed, 0), h.params)
-  for name, keys in BAD_KEYS.items():
+  for name, keys in bad_keys().items():
     for side in ("encode", "decode"):
       try:
         if side == "encode":
